@@ -1,0 +1,338 @@
+"""The course data: CSV files, the RetinopathyLoader dataset, and one preprocessing pipeline.
+
+Layout (see data/README.md): <root>/train.csv and valid.csv (Path,label), <root>/resnet_<18|50|152>_test.csv
+(Path), the images at the CSV's paths, relative to the CSV's folder. Label 0 = hem (normal), 1 = ALL (blast).
+
+The pipeline has two halves so that it runs as fast on a GPU as on a laptop:
+  - decode_image (CPU, in DataLoader workers): read the file, make it RGB, centre-crop the black border,
+    resize, and return uint8 (3, H, W). Nothing else crosses to the training device.
+  - BatchTransform (on the training device, batched): flips and rotation in one affine resample,
+    stain/colour jitter, float conversion and normalisation.
+A RetinopathyLoader with output="float" runs both halves per image, so there is one copy of each transform.
+
+    python dataloader.py --check [--data-root data]        scan every file and report problems
+    python dataloader.py --make-demo data/demo             write a synthetic dataset in the course layout
+    python dataloader.py --import-cnmc SRC --out DIR       turn the public C-NMC release into the course layout
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+CLASSES = ("hem", "ALL")
+SPLITS = ("train", "valid", "test")
+TEST_CSVS = {"resnet18": "resnet_18_test.csv", "resnet50": "resnet_50_test.csv", "resnet152": "resnet_152_test.csv"}
+IMAGE_EXTENSIONS = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+class DataError(Exception):
+    """A problem with the dataset on disk; the message says which file or row and what to do."""
+
+
+@dataclass
+class Preprocess:
+    """How an image becomes a network input; stored in every checkpoint so evaluation repeats it exactly.
+
+    crop: side of the centre square kept from the original image (px, before resizing); it removes the black
+      border around the cell. None keeps the whole image. Images smaller than crop are kept whole.
+    size: side of the network input after resizing. None keeps the cropped side.
+    """
+
+    crop: int | None = 350
+    size: int | None = None
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        return cls(crop=d["crop"], size=d["size"], mean=tuple(d["mean"]), std=tuple(d["std"]))
+
+
+@dataclass
+class Augment:
+    """Training augmentation, applied batched on the training device. Cells have no up, down, left or right."""
+
+    hflip: bool = True
+    vflip: bool = True
+    rotation: float = 180.0  # degrees, uniform in [-rotation, rotation]
+    scale: tuple[float, float] = (0.9, 1.1)  # cell size varies between images and patients
+    stain: float = 0.1  # per-image, per-channel gain in [1 - stain, 1 + stain]
+    brightness: float = 0.1  # per-image gain in [1 - brightness, 1 + brightness]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+NO_AUGMENT = Augment(hflip=False, vflip=False, rotation=0.0, scale=(1.0, 1.0), stain=0.0, brightness=0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CSV files
+
+
+def read_csv(csv_path: str, labelled: bool, problems: list[str] | None = None) -> tuple[list[str], list[int] | None]:
+    """The Path strings of a course CSV, unchanged, and its labels (None for a test CSV).
+
+    A bad label raises DataError naming the row; with a problems list, bad rows are reported there and skipped.
+    """
+    if not os.path.isfile(csv_path):
+        raise DataError(f"{csv_path}: file not found")
+    expected = ["Path", "label"] if labelled else ["Path"]
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.reader(f))
+    header = [h.strip() for h in rows[0]] if rows else []
+    if header[: len(expected)] != expected:
+        raise DataError(
+            f"{csv_path}: header is {','.join(header) or '(empty file)'}, expected {','.join(expected)}. "
+            "Use the CSV files handed out with the lab, unchanged."
+        )
+    paths: list[str] = []
+    labels: list[int] = []
+    for line_no, row in enumerate(rows[1:], start=2):
+        if not row or not row[0].strip():
+            continue
+        if labelled:
+            value = row[1].strip() if len(row) > 1 else ""
+            if value not in ("0", "1"):
+                message = f"{csv_path}, line {line_no} ({row[0]}): label {value!r} is not 0 (hem) or 1 (ALL); fix that row"
+                if problems is None:
+                    raise DataError(message)
+                problems.append(message)
+                continue
+            labels.append(int(value))
+        paths.append(row[0].strip())
+    return paths, (labels if labelled else None)
+
+
+def find_test_csv(root: str, model: str | None = None) -> str:
+    """The model's own test CSV (resnet_18_test.csv for resnet18, ...), else the only one present."""
+    if model is not None:
+        own = os.path.join(root, TEST_CSVS[model])
+        if os.path.isfile(own):
+            return own
+    present = [os.path.join(root, name) for name in TEST_CSVS.values() if os.path.isfile(os.path.join(root, name))]
+    if len(present) == 1:
+        return present[0]
+    if not present:
+        raise DataError(f"{root}: no test CSV ({', '.join(TEST_CSVS.values())}); pass the test CSV's path")
+    raise DataError(f"{root}: several test CSVs ({', '.join(map(os.path.basename, present))}); name the model or the CSV")
+
+
+def split_csv(root: str, mode: str, model: str | None = None, csv_path: str | None = None) -> str:
+    if mode not in SPLITS:
+        raise ValueError(f"mode must be one of {SPLITS}, got {mode!r}")
+    if csv_path is not None:
+        return csv_path
+    known = ("train.csv", "valid.csv", *TEST_CSVS.values())
+    if not os.path.isdir(root) or not any(os.path.isfile(os.path.join(root, name)) for name in known):
+        raise DataError(
+            f"no dataset at {root!r}: expected train.csv, valid.csv and resnet_18_test.csv (or _50_, _152_) with the "
+            "images at their paths (see data/README.md). Without the course data, make the synthetic demo: "
+            "python dataloader.py --make-demo data/demo, then use --data-root data/demo"
+        )
+    return find_test_csv(root, model) if mode == "test" else os.path.join(root, f"{mode}.csv")
+
+
+def getData(mode: str, root: str = "data", model: str | None = None, csv_path: str | None = None):
+    """Image paths (resolved against the CSV's folder) and labels of a split; paths alone for 'test'.
+
+    The test CSV is the model's own (resnet_18_test.csv for resnet18, ...) or the only one present;
+    csv_path overrides the CSV of any split.
+    """
+    path = split_csv(root, mode, model, csv_path)
+    names, labels = read_csv(path, labelled=mode != "test")
+    folder = os.path.dirname(os.path.abspath(path))
+    paths = [os.path.normpath(os.path.join(folder, name)) for name in names]
+    return paths if mode == "test" else (paths, labels)
+
+
+def check_files_exist(paths: list[str], source: str) -> None:
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        listed = "\n  ".join(missing[:5])
+        raise DataError(
+            f"{len(missing)} of {len(paths)} images named in {source} are missing, e.g.\n  {listed}\n"
+            "Put the images where the CSV's paths point (relative to the CSV's folder); "
+            "python dataloader.py --check lists every problem."
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decoding (CPU) and batched transforms (any device)
+
+
+def open_rgb(path: str) -> Image.Image:
+    """The image as RGB, whatever its mode; a clear error naming the file if it cannot be decoded."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode == "RGB":
+                return img.copy()
+            if img.mode in ("P", "PA", "LA", "RGBA") or "transparency" in img.info:
+                img = img.convert("RGBA")
+                black = Image.new("RGBA", img.size, (0, 0, 0, 255))
+                return Image.alpha_composite(black, img).convert("RGB")
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"{path}: cannot read image ({e}). Replace or remove the file; "
+                        "python dataloader.py --check lists every bad file.") from e
+
+
+def decode_image(path: str, crop: int | None, size: int | None) -> torch.Tensor:
+    """uint8 (3, H, W): RGB, centre-cropped to crop px, resized to size px (antialiased)."""
+    img = open_rgb(path)
+    w, h = img.size
+    if crop is not None and (crop < w or crop < h):
+        cw, ch = min(crop, w), min(crop, h)
+        left, top = (w - cw) // 2, (h - ch) // 2
+        img = img.crop((left, top, left + cw, top + ch))
+    if size is not None and img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR, reducing_gap=None)
+    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.size[1], img.size[0], 3).permute(2, 0, 1)
+
+
+class BatchTransform:
+    """uint8 (N, 3, H, W) -> augmented, normalised float (N, 3, H, W), batched on whatever device x is on.
+
+    Flips, rotation and scale are folded into one affine matrix per image and applied with a single
+    grid_sample; the border they uncover is black, like the slide background.
+    """
+
+    def __init__(self, preprocess: Preprocess, augment: Augment | None = None):
+        self.preprocess = preprocess
+        self.augment = augment or NO_AUGMENT
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        a = self.augment
+        n, device = x.shape[0], x.device
+        x = x.float().div_(255)
+
+        def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
+            return torch.rand(n, *shape, generator=generator, device=device) * (high - low) + low
+
+        if a.rotation or a.scale != (1.0, 1.0):
+            angle = uniform(-a.rotation, a.rotation).mul_(math.pi / 180)
+            scale = 1 / uniform(*a.scale)
+            sx = torch.where(uniform(0, 1) < 0.5, -scale, scale) if a.hflip else scale
+            sy = torch.where(uniform(0, 1) < 0.5, -scale, scale) if a.vflip else scale
+            cos, sin = torch.cos(angle), torch.sin(angle)
+            theta = torch.stack([torch.stack([cos * sx, -sin * sy, torch.zeros_like(cos)], 1),
+                                 torch.stack([sin * sx, cos * sy, torch.zeros_like(cos)], 1)], 1)
+            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        else:
+            if a.hflip:
+                x = torch.where((uniform(0, 1) < 0.5).view(n, 1, 1, 1), x.flip(3), x)
+            if a.vflip:
+                x = torch.where((uniform(0, 1) < 0.5).view(n, 1, 1, 1), x.flip(2), x)
+        if a.stain or a.brightness:
+            gain = uniform(1 - a.stain, 1 + a.stain, 3) * uniform(1 - a.brightness, 1 + a.brightness, 1)
+            x = x.mul_(gain.view(n, 3, 1, 1)).clamp_(0, 1)
+        mean = torch.tensor(self.preprocess.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(self.preprocess.std, device=device).view(1, 3, 1, 1)
+        return x.sub_(mean).div_(std)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The dataset
+
+
+class RetinopathyLoader(Dataset):
+    """The course dataset: (image, label) for train/valid, image alone for test.
+
+    output="float" (the default) gives a normalised float (3, H, W), augmented if augment is set: what the
+    course template returns. output="uint8" gives the decoded, cropped, resized uint8 image only, for a
+    training loop that applies BatchTransform on the GPU (train.py does).
+    """
+
+    def __init__(
+        self,
+        root: str = "data",
+        mode: str = "train",
+        preprocess: Preprocess | None = None,
+        augment: Augment | None = None,
+        output: str = "float",
+        model: str | None = None,
+        csv_path: str | None = None,
+    ):
+        if output not in ("float", "uint8"):
+            raise ValueError(f"output must be 'float' or 'uint8', got {output!r}")
+        self.root, self.mode, self.output = root, mode, output
+        self.preprocess = preprocess or Preprocess()
+        self.transform = BatchTransform(self.preprocess, augment)
+        data = getData(mode, root, model=model, csv_path=csv_path)
+        self.img_name, self.label = (data, None) if mode == "test" else data
+        self.csv_path = split_csv(root, mode, model, csv_path)
+        check_files_exist(self.img_name, self.csv_path)
+
+    def __len__(self) -> int:
+        return len(self.img_name)
+
+    def __getitem__(self, index: int):
+        img = decode_image(self.img_name[index], self.preprocess.crop, self.preprocess.size)
+        if self.output == "float":
+            img = self.transform(img[None])[0]
+        return img if self.label is None else (img, self.label[index])
+
+
+LeukemiaLoader = RetinopathyLoader
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--check", action="store_true", help="decode every image of the dataset and report problems")
+    action.add_argument("--make-demo", metavar="DIR", help="write a synthetic dataset in the course layout to DIR")
+    action.add_argument("--import-cnmc", metavar="SRC", help="import the public C-NMC release (or ../shared/cnmc) from SRC")
+    parser.add_argument("--data-root", default="data", help="dataset folder for --check (default: data)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for --make-demo and --import-cnmc")
+    parser.add_argument("--sizes", type=int, nargs=3, default=[600, 150, 150], metavar=("TRAIN", "VALID", "TEST"),
+                        help="--make-demo: number of train, valid and test cells (default: 600 150 150)")
+    parser.add_argument("--side", type=int, default=450, help="--make-demo: image side in px (default: 450, as the course)")
+    parser.add_argument("--out", help="--import-cnmc: output folder")
+    parser.add_argument("--split", choices=["subject", "random"], default="subject",
+                        help="--import-cnmc: keep each subject in one split (default) or split cells at random")
+    parser.add_argument("--valid-frac", type=float, default=0.2, help="--import-cnmc: share of cells for valid (default: 0.2)")
+    parser.add_argument("--test-frac", type=float, default=0.2, help="--import-cnmc: share of cells for test (default: 0.2)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes for --check and --make-demo")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    import datatools
+
+    if args.check:
+        return datatools.check_dataset(args.data_root, workers=args.workers)
+    if args.make_demo:
+        datatools.make_demo(args.make_demo, sizes=tuple(args.sizes), seed=args.seed, side=args.side, workers=args.workers)
+        return 0
+    if not args.out:
+        print("--import-cnmc needs --out DIR", file=sys.stderr)
+        return 2
+    datatools.import_cnmc(args.import_cnmc, args.out, split=args.split, valid_frac=args.valid_frac,
+                          test_frac=args.test_frac, seed=args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(get_args_parser().parse_args()))
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

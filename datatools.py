@@ -1,0 +1,299 @@
+"""The dataset tools behind `python dataloader.py --check / --make-demo / --import-cnmc`.
+
+check_dataset: decode every image a dataset names and report each problem before a long run starts.
+make_demo:     a synthetic dataset in exactly the course layout, for trying everything without the course data.
+import_cnmc:   the public C-NMC 2019 release (fold_*/all|hem/UID_*.bmp) in the course layout, split by subject.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import random
+import re
+import shutil
+from collections import Counter, defaultdict
+from multiprocessing import Pool
+
+import numpy as np
+from PIL import Image
+
+from dataloader import CLASSES, IMAGE_EXTENSIONS, TEST_CSVS, DataError, read_csv
+
+# ----------------------------------------------------------------------------------------------------------
+# --check
+
+
+def inspect_image(path: str) -> tuple[str, tuple[int, int] | None, str | None, str | None]:
+    """(path, size, mode, problem) after decoding the whole file."""
+    if not os.path.isfile(path):
+        return path, None, None, "missing"
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return path, img.size, img.mode, None
+    except Exception as e:  # any decoder error is a problem to report, not a crash
+        return path, None, None, f"unreadable ({type(e).__name__}: {e})"
+
+
+def check_dataset(root: str, workers: int = 1) -> int:
+    """Print a summary of the dataset at root and every problem found; 0 if there is none, else 1."""
+    problems: list[str] = []
+    splits: dict[str, tuple[list[str], list[int] | None]] = {}
+    for name in ("train", "valid"):
+        try:
+            paths, labels = read_csv(os.path.join(root, f"{name}.csv"), labelled=True, problems=problems)
+            splits[name] = (paths, labels)
+        except DataError as e:
+            problems.append(str(e))
+    test_csvs = [name for name in TEST_CSVS.values() if os.path.isfile(os.path.join(root, name))]
+    if not test_csvs:
+        problems.append(f"{root}: no test CSV ({', '.join(TEST_CSVS.values())})")
+    for name in test_csvs:
+        try:
+            splits[name] = read_csv(os.path.join(root, name), labelled=False)
+        except DataError as e:
+            problems.append(str(e))
+
+    print(f"dataset at {os.path.abspath(root)}")
+    for name, (paths, labels) in splits.items():
+        counts = Counter(labels or [])
+        by_class = ", ".join(f"{counts[i]} {c}" for i, c in enumerate(CLASSES)) if labels is not None else "no labels"
+        print(f"  {name:<20} {len(paths):>6} rows ({by_class})")
+        duplicates = [p for p, n in Counter(paths).items() if n > 1]
+        if duplicates:
+            problems.append(f"{name}: {len(duplicates)} paths listed twice, e.g. {duplicates[0]}")
+
+    files = sorted({os.path.normpath(os.path.join(root, p)) for paths, _ in splits.values() for p in paths})
+    with Pool(max(1, workers)) as pool:
+        results = pool.map(inspect_image, files, chunksize=64)
+    sizes = Counter(f"{s[0]}x{s[1]}" for _, s, _, _ in results if s)
+    modes = Counter(m for _, _, m, _ in results if m)
+    print(f"  {len(files)} image files: sizes {dict(sizes.most_common(5))}, modes {dict(modes)}")
+    problems += [f"{path}: {problem}" for path, _, _, problem in results if problem]
+
+    if problems:
+        print(f"{len(problems)} problems:")
+        for p in problems:
+            print(f"  {p}")
+        return 1
+    print("no problems found")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --make-demo
+
+
+def smooth_noise(rng: np.random.Generator, side: int, cells: int) -> np.ndarray:
+    """A random field with about `cells` blobs across, in [-1, 1]."""
+    small = rng.uniform(-1, 1, (cells, cells)).astype(np.float32)
+    return np.asarray(Image.fromarray(small, mode="F").resize((side, side), Image.BICUBIC)).clip(-1, 1)
+
+
+def wobbly_radius(rng: np.random.Generator, phi: np.ndarray, radius: float, roughness: float, harmonics: int) -> np.ndarray:
+    """A closed contour r(phi): radius modulated by random harmonics 2..harmonics, looked up per pixel."""
+    table = np.linspace(-np.pi, np.pi, 1024, endpoint=False)
+    r = np.ones_like(table)
+    for k in range(2, harmonics + 1):
+        r += rng.uniform(0, roughness) / k ** 0.5 * np.cos(k * table + rng.uniform(0, 2 * np.pi))
+    index = ((phi + np.pi) * (1024 / (2 * np.pi))).astype(np.int32) % 1024
+    return (radius * r).astype(np.float32)[index]
+
+
+def draw_cell(seed: int, label: int, side: int = 450) -> np.ndarray:
+    """One stained cell on black, (side, side, 3) uint8.
+
+    The class shows in morphology, as in real smears, with every cue overlapping between classes:
+    ALL blasts have a larger nucleus-to-cytoplasm ratio, a more irregular nuclear contour and fine chromatin
+    with nucleoli; normal cells have more cytoplasm, an eccentric smooth nucleus and clumped chromatin.
+    Stain colour, cell size and position vary per image and say nothing of the class.
+    """
+    rng = np.random.default_rng(seed)
+    s = side / 450
+    blast = label == 1
+    w = min(side, int(360 * s))  # the window that holds any cell; the rest stays black
+    top = (side - w) // 2
+    yy, xx = np.mgrid[0:w, 0:w].astype(np.float32)
+    cy, cx = w / 2 + np.clip(rng.normal(0, 12 * s, 2), -30 * s, 30 * s)
+    dy, dx = yy - cy, xx - cx
+    r, phi = np.hypot(dy, dx), np.arctan2(dy, dx)
+
+    cell_radius = rng.uniform(70, 115) * s
+    cell_edge = wobbly_radius(rng, phi, cell_radius, 0.10 if blast else 0.06, 6)
+    nc_ratio = rng.uniform(0.74, 0.92) if blast else rng.uniform(0.52, 0.76)
+    shift = rng.uniform(0, 0.10 if blast else 0.22) * cell_radius
+    angle = rng.uniform(0, 2 * np.pi)
+    ny, nx = dy - shift * np.sin(angle), dx - shift * np.cos(angle)
+    nucleus_edge = wobbly_radius(rng, np.arctan2(ny, nx), nc_ratio * cell_radius, 0.22 if blast else 0.08, 9 if blast else 4)
+    in_cell = np.clip((cell_edge - r) / (3 * s), 0, 1)
+    in_nucleus = np.clip((nucleus_edge - np.hypot(ny, nx)) / (2 * s), 0, 1) * in_cell
+
+    grain = 60 if blast else 14  # fine versus clumped chromatin
+    chromatin = 1 + (0.10 if blast else 0.28) * smooth_noise(rng, w, round(grain * w / side))
+    if blast:
+        for _ in range(rng.integers(1, 4)):
+            t, rad = rng.uniform(0, 2 * np.pi), rng.uniform(0, 0.5) * nc_ratio * cell_radius
+            spot = np.hypot(ny - rad * np.sin(t), nx - rad * np.cos(t)) < rng.uniform(5, 11) * s
+            chromatin = np.where(spot, chromatin * 1.35, chromatin)
+    stain = (rng.uniform(0.75, 1.2) * rng.uniform(0.9, 1.1, 3)).astype(np.float32)
+    cytoplasm = np.array([150, 120, 175], np.float32) * stain * (1 + 0.05 * smooth_noise(rng, w, 8))[..., None]
+    nucleus = np.array([95, 42, 115], np.float32) * stain * chromatin[..., None]
+    cell = in_cell[..., None] * ((1 - in_nucleus[..., None]) * cytoplasm + in_nucleus[..., None] * nucleus)
+    cell += rng.standard_normal(cell.shape, dtype=np.float32) * 2 * in_cell[..., None]
+    img = np.zeros((side, side, 3), np.uint8)
+    img[top : top + w, top : top + w] = np.clip(cell, 0, 255)
+    return img
+
+
+def write_cell(job: tuple[str, int, int, int]) -> None:
+    path, seed, label, side = job
+    Image.fromarray(draw_cell(seed, label, side)).save(path)
+
+
+def write_csv(path: str, header: list[str], rows: list) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def make_demo(out: str, sizes: tuple[int, int, int] = (600, 150, 150), seed: int = 0, side: int = 450, workers: int = 1) -> None:
+    """Write a synthetic dataset at out in the course layout: CSVs, ./new_dataset/<split>/<i>.bmp, ~68% ALL."""
+    rng = random.Random(seed)
+    jobs, labelled = [], {}
+    for split_index, (split, n) in enumerate(zip(("train", "valid", "test"), sizes)):
+        os.makedirs(os.path.join(out, "new_dataset", split), exist_ok=True)
+        labels = [1] * round(0.68 * n) + [0] * (n - round(0.68 * n))
+        rng.shuffle(labels)
+        labelled[split] = [(f"./new_dataset/{split}/{i}.bmp", label) for i, label in enumerate(labels)]
+        for i, label in enumerate(labels):
+            jobs.append((os.path.join(out, "new_dataset", split, f"{i}.bmp"), seed * 10_000_019 + split_index * 1_000_003 + i, label, side))
+    with Pool(max(1, workers)) as pool:
+        pool.map(write_cell, jobs, chunksize=8)
+    write_csv(os.path.join(out, "train.csv"), ["Path", "label"], labelled["train"])
+    write_csv(os.path.join(out, "valid.csv"), ["Path", "label"], labelled["valid"])
+    for name in TEST_CSVS.values():
+        rows = [[path] for path, _ in labelled["test"]]
+        rng.shuffle(rows)
+        write_csv(os.path.join(out, name), ["Path"], rows)
+    print(f"wrote {sum(sizes)} synthetic {side}x{side} cells to {out} ({sizes[0]} train, {sizes[1]} valid, {sizes[2]} test)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --import-cnmc
+
+CNMC_NAME = re.compile(r"^UID_(H?\d+)_(\d+)_(\d+)_(all|hem)\.(bmp|png|jpe?g)$", re.IGNORECASE)
+
+
+def parse_cnmc_name(name: str) -> tuple[str, int] | None:
+    """(subject, label) of a release file name such as UID_H10_43_1_hem.bmp, or None if it does not parse."""
+    m = CNMC_NAME.match(name)
+    if m is None:
+        return None
+    return m.group(1).upper(), int(m.group(4).lower() == "all")
+
+
+def find_cnmc_cells(src: str) -> tuple[list[tuple[str, str, int]], list[str]]:
+    """(path, subject, label) of every cell image under an all/ or hem/ folder of src, and the unparsed files."""
+    cells, unparsed = [], []
+    for folder, _, names in sorted(os.walk(src)):
+        kind = os.path.basename(folder).lower()
+        if kind not in ("all", "hem"):
+            continue
+        for name in sorted(names):
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            parsed = parse_cnmc_name(name)
+            path = os.path.join(folder, name)
+            if parsed is None or parsed[1] != int(kind == "all"):
+                unparsed.append(path)
+            else:
+                cells.append((path, *parsed))
+    return cells, unparsed
+
+
+def assign_subjects(cells: list[tuple[str, str, int]], fractions: dict[str, float], seed: int) -> dict[str, str]:
+    """subject -> split, every subject in one split, each class spread over the splits in the given fractions.
+
+    Greedy per class: subjects from largest to smallest go to the split furthest below its target,
+    which is as balanced as whole subjects allow.
+    """
+    count = Counter((subject, label) for _, subject, label in cells)
+    rng = random.Random(seed)
+    assignment: dict[str, str] = {}
+    for label in (0, 1):
+        subjects = [s for (s, l) in count if l == label]
+        rng.shuffle(subjects)
+        subjects.sort(key=lambda s: -count[s, label])
+        total = sum(count[s, label] for s in subjects)
+        have = dict.fromkeys(fractions, 0)
+        for subject in subjects:
+            split = max(fractions, key=lambda k: fractions[k] * total - have[k])
+            assignment[subject] = split
+            have[split] += count[subject, label]
+    return assignment
+
+
+def place(src: str, dst: str) -> None:
+    """Hard link, else symbolic link, else copy."""
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    for link in (os.link, lambda a, b: os.symlink(os.path.abspath(a), b)):
+        try:
+            link(src, dst)
+            return
+        except OSError:
+            pass
+    shutil.copy2(src, dst)
+
+
+def import_cnmc(src: str, out: str, split: str = "subject", valid_frac: float = 0.2, test_frac: float = 0.2, seed: int = 0) -> dict:
+    """Write the release at src in the course layout under out; returns {path: split}."""
+    cells, unparsed = find_cnmc_cells(src)
+    if not cells:
+        raise DataError(f"{src}: no cell images under all/ or hem/ folders named like UID_11_10_1_all.bmp")
+    if os.path.exists(os.path.join(out, "train.csv")):
+        raise DataError(f"{out} already holds a dataset (train.csv); choose another --out or delete it first")
+    fractions = {"train": 1 - valid_frac - test_frac, "valid": valid_frac, "test": test_frac}
+    rng = random.Random(seed)
+    if split == "subject":
+        subject_split = assign_subjects(cells, fractions, seed)
+        split_of = {path: subject_split[subject] for path, subject, _ in cells}
+    else:
+        split_of = {}
+        for label in (0, 1):
+            paths = [p for p, _, l in cells if l == label]
+            rng.shuffle(paths)
+            n_valid, n_test = round(valid_frac * len(paths)), round(test_frac * len(paths))
+            split_of.update({p: "valid" if i < n_valid else "test" if i < n_valid + n_test else "train" for i, p in enumerate(paths)})
+
+    rows: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    for path, subject, label in cells:
+        name = f"./new_dataset/{split_of[path]}/{os.path.basename(path)}"
+        place(path, os.path.join(out, name))
+        rows[split_of[path]].append((name, label))
+    write_csv(os.path.join(out, "train.csv"), ["Path", "label"], rows["train"])
+    write_csv(os.path.join(out, "valid.csv"), ["Path", "label"], rows["valid"])
+    write_csv(os.path.join(out, "test_labels.csv"), ["Path", "label"], rows["test"])
+    test_rows = [[p] for p, _ in rows["test"]]
+    rng.shuffle(test_rows)
+    for name in TEST_CSVS.values():
+        write_csv(os.path.join(out, name), ["Path"], test_rows)
+
+    table = Counter((split_of[path], subject, label) for path, subject, label in cells)
+    write_csv(os.path.join(out, "subjects.csv"), ["split", "subject", "label", "cells"],
+              [[sp, subject, CLASSES[label], n] for (sp, subject, label), n in sorted(table.items())])
+    print(f"imported {len(cells)} cells of {len({s for _, s, _ in cells})} subjects from {src} to {out} ({split} split)")
+    print(f"  {'split':<6} {'hem cells':>9} {'hem subj':>8} {'ALL cells':>9} {'ALL subj':>8}")
+    for sp in fractions:
+        stats = []
+        for label in (0, 1):
+            stats += [sum(n for (s, _, l), n in table.items() if s == sp and l == label),
+                      len({subj for (s, subj, l) in table if s == sp and l == label})]
+        print(f"  {sp:<6} {stats[0]:>9} {stats[1]:>8} {stats[2]:>9} {stats[3]:>8}")
+    print(f"  subjects per split: {os.path.join(out, 'subjects.csv')}; test labels: {os.path.join(out, 'test_labels.csv')}")
+    if unparsed:
+        with open(os.path.join(out, "unparsed.txt"), "w") as f:
+            f.write("\n".join(unparsed) + "\n")
+        print(f"  {len(unparsed)} files not imported: name not UID_<subject>_<image>_<cell>_<all|hem> or not matching "
+              f"its folder, e.g. {unparsed[0]} (all listed in {os.path.join(out, 'unparsed.txt')})")
+    return split_of
