@@ -1,0 +1,25 @@
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+
+import datatools  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> str:
+    """A tiny synthetic dataset in the course layout: 48 train, 16 valid, 12 test cells of 64 px."""
+    root = str(tmp_path_factory.mktemp("demo"))
+    datatools.make_demo(root, sizes=(48, 16, 12), seed=1, side=64, workers=1)
+    return root
+
+
+def shared_path(*parts: str) -> str:
+    path = os.path.join(SHARED, *parts)
+    if not os.path.exists(path):
+        pytest.skip(f"{path} is absent: the shared course files sit beside the repository only on the lab machines")
+    return path
