@@ -1,0 +1,534 @@
+"""Train ResNet18/50/152 from scratch on the leukemia cells, on one GPU, several, or the CPU.
+
+    python train.py --model resnet50                      the default recipe (see README: why this one)
+    python train.py --model resnet50 --recipe seed        the seed report's settings, to reproduce it
+    python train.py --model resnet50 --resume             continue checkpoints/resnet50 from its last.pt
+    python train.py --demo                                synthetic data, ResNet18, a few minutes on a laptop
+    torchrun --nproc_per_node=4 train.py --model resnet152
+
+A run lives in checkpoints/<run-name>/: last.pt (every epoch), best.pt (best valid accuracy or weighted F1),
+history.csv and args.json. Checkpoints are written atomically and hold everything needed to resume exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import glob
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from sklearn.metrics import f1_score
+from tqdm import tqdm
+
+import utils
+from dataloader import Augment, BatchTransform, DataError, Preprocess, RetinopathyLoader
+from resnet import MODELS, build_model
+
+# The recipes. "default" is this project's (README: "Why the default recipe"); "seed" is the report's.
+RECIPES = {
+    "default": dict(epochs=100, batch_size=64, lr=0.05, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
+                    scheduler="cosine", warmup_epochs=3, label_smoothing=0.1, class_balance="loss", ema=0.999,
+                    crop=350, image_size=None, hflip=True, vflip=True, rotation=180.0, scale_jitter=0.1, color_jitter=0.1),
+    "seed": dict(epochs=201, batch_size=64, lr=1e-4, optimizer="sgd", momentum=0.0, weight_decay=0.0,
+                 scheduler="none", warmup_epochs=0, label_smoothing=0.0, class_balance="none", ema=0.0,
+                 crop=None, image_size=None, hflip=True, vflip=False, rotation=15.0, scale_jitter=0.0, color_jitter=0.0),
+}
+SEED_RECIPE_PER_MODEL = {"resnet18": dict(batch_size=64, epochs=201), "resnet50": dict(batch_size=32, epochs=201),
+                         "resnet152": dict(batch_size=32, epochs=31)}
+DEMO = dict(model="resnet18", data_root=os.path.join("data", "demo"), run_name="demo", epochs=15, batch_size=32,
+            lr=0.05, warmup_epochs=1, image_size=64, cache="ram", ema=0.99)
+# Flags that may differ when a run is resumed; any other flag given with --resume must match the run.
+RESUMABLE = {"resume", "epochs", "workers", "device", "compile", "cache", "print_freq", "data_root", "output_dir", "run_name", "amp"}
+
+
+def get_args_parser(add_help: bool = True, suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    kw = {"argument_default": argparse.SUPPRESS} if suppress_defaults else {}
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=add_help, **kw)
+
+    def add(*names, **options):
+        if suppress_defaults:
+            options.pop("default", None)
+        parser.add_argument(*names, **options)
+
+    recipe = "(default: from --recipe)"
+    add("--model", choices=list(MODELS), default="resnet18", help="network to train (default: resnet18)")
+    add("--recipe", choices=list(RECIPES), default="default", help="hyper-parameter set that unset flags come from (default: default)")
+    add("--demo", action="store_true", default=False, help="make data/demo if missing and train resnet18 on it at 64 px")
+    add("--data-root", default="data", help="dataset folder with train.csv and valid.csv (default: data)")
+    add("--epochs", type=int, default=None, help=f"total epochs to train {recipe}")
+    add("--batch-size", type=int, default=None, help=f"images per step, per process {recipe}")
+    add("--lr", type=float, default=None, help=f"peak learning rate {recipe}")
+    add("--optimizer", choices=["sgd", "adam", "adamw"], default=None, help=f"optimizer {recipe}")
+    add("--momentum", type=float, default=None, help=f"SGD momentum, Nesterov when > 0 {recipe}")
+    add("--weight-decay", type=float, default=None, help=f"weight decay, not applied to norms and biases {recipe}")
+    add("--scheduler", choices=["cosine", "step", "plateau", "none"], default=None, help=f"learning-rate schedule {recipe}")
+    add("--warmup-epochs", type=float, default=None, help=f"linear warm-up epochs before the schedule {recipe}")
+    add("--lr-step", type=int, default=30, help="epochs between x0.1 decays with --scheduler step (default: 30)")
+    add("--label-smoothing", type=float, default=None, help=f"cross-entropy label smoothing {recipe}")
+    add("--class-balance", choices=["loss", "sampler", "none"], default=None,
+        help=f"counter the 68/32 ALL/hem split: inverse-frequency loss weights, or a balanced sampler {recipe}")
+    add("--ema", type=float, default=None, help=f"decay of an exponential moving average of the weights, 0 for none {recipe}")
+    add("--crop", type=int, default=None, help=f"side of the centre square kept from each image, px; 0 keeps it whole {recipe}")
+    add("--image-size", type=int, default=None, help=f"side the crop is resized to, px; unset keeps the crop's side {recipe}")
+    add("--hflip", action=argparse.BooleanOptionalAction, default=None, help=f"random horizontal flips {recipe}")
+    add("--vflip", action=argparse.BooleanOptionalAction, default=None, help=f"random vertical flips {recipe}")
+    add("--rotation", type=float, default=None, help=f"random rotation range in degrees, +/- {recipe}")
+    add("--scale-jitter", type=float, default=None, help=f"random zoom in [1 - s, 1 + s] {recipe}")
+    add("--color-jitter", type=float, default=None, help=f"random per-channel stain and brightness gain in [1 - c, 1 + c] {recipe}")
+    add("--best-metric", choices=["acc", "f1"], default="acc", help="what best.pt keeps the best of: valid accuracy or weighted F1 (default: acc)")
+    add("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes per GPU (default: min(8, cores))")
+    add("--cache", choices=["none", "ram", "gpu"], default="none",
+        help="decode the dataset once and keep it as uint8 in RAM or on the GPU (default: none)")
+    add("--seed", type=int, default=0, help="seed of weights, shuffling and augmentation (default: 0)")
+    add("--deterministic", action="store_true", default=False, help="deterministic kernels: bit-exact reruns and resumes, slower")
+    add("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="where to train (default: auto)")
+    add("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+        help="mixed precision: bf16 on CUDA where supported, else fp16 with a grad scaler; always off on CPU (default: auto)")
+    add("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last memory format (default: on with CUDA)")
+    add("--compile", action="store_true", default=False, help="torch.compile the model (first epoch slower, later ones faster)")
+    add("--output-dir", default="checkpoints", help="folder of run folders (default: checkpoints)")
+    add("--run-name", default=None, help="run folder name under --output-dir (default: the model name)")
+    add("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
+        help="continue the run from its last.pt, or from the checkpoint given")
+    add("--print-freq", type=int, default=50, help="steps between progress updates (default: 50)")
+    return parser
+
+
+def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Namespace:
+    """Fill every flag left unset from the recipe (and the demo's settings with --demo)."""
+    if args.demo:
+        for k, v in DEMO.items():
+            if k not in explicit:
+                setattr(args, k, v)
+    recipe = dict(RECIPES[args.recipe])
+    if args.recipe == "seed":
+        recipe.update(SEED_RECIPE_PER_MODEL[args.model])
+    for k, v in recipe.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.run_name = args.run_name or args.model
+    args.crop = args.crop or None
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Processes and reproducibility
+
+
+def setup_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Under torchrun: one process per GPU (NCCL) or per CPU slot (gloo)."""
+    if "RANK" not in os.environ:
+        return 0, 1, utils.resolve_device(args.device)
+    rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    device = utils.resolve_device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def rng_states() -> dict:
+    states = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate((3, tuple(states["python"]), None))
+    if torch.cuda.is_available() and "cuda" in states:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class StopRequest:
+    """Turns Ctrl-C and SIGTERM into a flag the loop checks, so a checkpoint is never cut off mid-write."""
+
+    def __init__(self):
+        self.signal = None
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data, model, optimizer
+
+
+def load_data(args: argparse.Namespace, preprocess: Preprocess, rank: int, world_size: int, device: torch.device):
+    """Train and valid batches, iterables of (index, uint8 images, labels), the train sampler and both label lists."""
+    train_set = RetinopathyLoader(args.data_root, "train", preprocess=preprocess, output="uint8")
+    valid_set = RetinopathyLoader(args.data_root, "valid", preprocess=preprocess, output="uint8")
+    train_sampler = utils.EpochBatchSampler(len(train_set), args.batch_size, shuffle=True, seed=args.seed,
+                                            rank=rank, world_size=world_size, drop_last=True)
+    if args.class_balance == "sampler":
+        train_sampler = BalancedBatchSampler(train_set.label, train_sampler)
+    valid_sampler = utils.EpochBatchSampler(len(valid_set), args.batch_size * 2, shuffle=False, rank=rank, world_size=world_size)
+    pin = device.type == "cuda"
+    if args.cache == "none":
+        train_batches = utils.make_loader(train_set, train_sampler, args.workers, pin)
+        valid_batches = utils.make_loader(valid_set, valid_sampler, args.workers, pin)
+    else:
+        cache_device = device if args.cache == "gpu" else torch.device("cpu")
+        train_batches = utils.CachedBatches(train_set, train_sampler, args.workers, cache_device, pin)
+        valid_batches = utils.CachedBatches(valid_set, valid_sampler, args.workers, cache_device, pin)
+    return train_batches, valid_batches, train_sampler, train_set.label, valid_set.label
+
+
+class BalancedBatchSampler(utils.EpochBatchSampler):
+    """Like EpochBatchSampler, but draws each epoch's indices with replacement so both classes are equally likely."""
+
+    def __init__(self, labels: list[int], base: utils.EpochBatchSampler):
+        super().__init__(base.n, base.batch_size, True, base.seed, base.rank, base.world_size, base.drop_last)
+        counts = torch.bincount(torch.tensor(labels), minlength=2).float()
+        self.weights = (1 / counts)[torch.tensor(labels)]
+
+    def indices(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.multinomial(self.weights, self.n, replacement=True, generator=g).tolist()
+        return order[self.rank :: self.world_size]
+
+
+def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
+    """No weight decay on BatchNorm and biases; fused kernels on CUDA where PyTorch has them."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = {"fused": True} if device.type == "cuda" else {}
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.momentum > 0, **fused)
+    if args.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=args.lr, **fused)
+    return torch.optim.AdamW(groups, lr=args.lr, **fused)
+
+
+def lr_factor(step: int, steps_per_epoch: int, args: argparse.Namespace) -> float:
+    """The learning rate at a step as a fraction of --lr: linear warm-up, then cosine, step or constant."""
+    warmup = args.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return (step + 1) / warmup
+    if args.scheduler == "cosine":
+        progress = (step - warmup) / max(1, args.epochs * steps_per_epoch - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if args.scheduler == "step":
+        return 0.1 ** (step // steps_per_epoch // args.lr_step)
+    return 1.0
+
+
+def build_scheduler(optimizer, steps_per_epoch: int, args: argparse.Namespace):
+    """Stepped every iteration, except plateau, which is stepped each epoch on the valid metric."""
+    if args.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.1, patience=10)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, args))
+
+
+class EMA:
+    """An exponential moving average of the weights and BatchNorm statistics, warmed up over the first steps."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.module = copy.deepcopy(model).eval()
+        self.decay, self.updates = decay, 0
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        ema = [t for t in self.module.state_dict().values() if t.dtype.is_floating_point]
+        new = [t for t in model.state_dict().values() if t.dtype.is_floating_point]
+        torch._foreach_lerp_(ema, new, 1 - d)
+        for e, m in zip(self.module.buffers(), model.buffers()):
+            if not e.dtype.is_floating_point:
+                e.copy_(m)
+
+    def state_dict(self) -> dict:
+        return {"weights": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["weights"])
+        self.updates = state["updates"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One epoch
+
+
+def train_one_epoch(model, raw_model, ema, batches, transform, optimizer, scheduler, scaler, criterion, epoch, args, device, dtype,
+                    channels_last, stop: StopRequest, show: bool) -> dict:
+    """Train for one epoch; returns loss, accuracy and images/s (None if stopped by a signal)."""
+    model.train()
+    generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + epoch * 1_009 + args.rank)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen, steps, start = 0, len(batches), time.perf_counter()
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", unit="step", disable=not show or not sys.stderr.isatty(),
+               dynamic_ncols=True, leave=False)
+    for step, (_, x, y) in enumerate(batches):
+        x = transform(x.to(device, non_blocking=True), generator)
+        y = y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with utils.autocast(device, dtype):
+            logits = model(x)
+            loss = criterion(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step()
+        if ema is not None:
+            ema.update(raw_model)
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        if (step + 1) % args.print_freq == 0 or step + 1 == steps:
+            mean_loss = loss_sum.item() / seen  # the only host sync, every print_freq steps
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"loss became {mean_loss} at epoch {epoch + 1}, step {step + 1}")
+            rate = seen * args.world_size / (time.perf_counter() - start)
+            stats = dict(loss=f"{mean_loss:.4f}", acc=f"{correct.item() / seen:.4f}", img_s=f"{rate:.0f}")
+            bar.set_postfix(stats, refresh=False)
+            if show and bar.disable:
+                print(f"  epoch {epoch + 1} step {step + 1}/{steps} " + " ".join(f"{k} {v}" for k, v in stats.items()), flush=True)
+        bar.update()
+        if stop.signal:
+            bar.close()
+            return None
+    bar.close()
+    totals = torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=device)])
+    if args.world_size > 1:
+        dist.all_reduce(totals)
+    seconds = time.perf_counter() - start
+    return {"train_loss": totals[0].item() / totals[2].item(), "train_acc": totals[1].item() / totals[2].item(),
+            "images_per_s": totals[2].item() / seconds, "seconds": seconds}
+
+
+def evaluate(model, batches, transform, criterion, labels: list[int], args, device, dtype, channels_last) -> dict:
+    """Valid loss, accuracy and weighted F1 over exactly the valid images, gathered from every process."""
+    index, logits = utils.predict_logits(model, batches, transform, device, dtype, channels_last)
+    if args.world_size > 1:
+        gathered = [None] * args.world_size
+        dist.all_gather_object(gathered, (index, logits))
+        index, logits = (torch.cat(parts) for parts in zip(*gathered))
+    if sorted(index.tolist()) != list(range(len(labels))):
+        raise RuntimeError("the valid set was not scored exactly once per image")
+    target = torch.tensor(labels)[index]
+    pred = logits.argmax(1)
+    return {"valid_loss": criterion(logits, target).item(), "valid_acc": (pred == target).float().mean().item(),
+            "valid_f1": f1_score(target.numpy(), pred.numpy(), average="weighted", zero_division=0)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints and run files
+
+
+def run_dir(args: argparse.Namespace) -> str:
+    return os.path.join(args.output_dir, args.run_name)
+
+
+def make_checkpoint(raw_model, ema, optimizer, scheduler, scaler, epoch, best, history, args, preprocess, augment) -> dict:
+    return {
+        "model": raw_model.state_dict(), "ema": ema.module.state_dict() if ema else None, "ema_state": ema.state_dict() if ema else None,
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+        "epoch": epoch, "best_metric": best["value"], "best_epoch": best["epoch"], "metric": args.best_metric,
+        "history": history, "rng": rng_states(), "model_name": args.model, "num_classes": 2,
+        "preprocess": preprocess.to_dict(), "augment": augment.to_dict(), "args": vars(args), "format_version": 1,
+    }
+
+
+def write_history(path: str, history: list[dict]) -> None:
+    columns = ["epoch", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "valid_f1", "seconds", "images_per_s"]
+    utils.write_csv_atomic(path, columns, [[row[c] for c in columns] for row in history])
+
+
+def resume_checkpoint_path(args: argparse.Namespace) -> str:
+    return os.path.join(run_dir(args), "last.pt") if args.resume == "last" else args.resume
+
+
+def merge_resumed_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Namespace:
+    """The resumed run's own settings, with only the flags that may change taken from the command line."""
+    path = resume_checkpoint_path(args)
+    checkpoint = utils.load_checkpoint(path)
+    saved = checkpoint.get("args") or {}
+    if "model" in explicit and args.model != checkpoint["model_name"]:
+        raise utils.CheckpointError(f"{path} is a {checkpoint['model_name']} run, not {args.model}: "
+                                    f"resume it with --model {checkpoint['model_name']}, or give a new --run-name")
+    conflicts = [k for k in explicit - RESUMABLE - {"demo", "recipe", "model"} if k in saved and saved[k] != getattr(args, k)]
+    if conflicts:
+        raise utils.CheckpointError(
+            f"{path} was trained with " + ", ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in conflicts)
+            + ": these cannot change on resume. Drop them to continue the run, or start a new --run-name")
+    merged = dict(saved)
+    merged.update({k: getattr(args, k) for k in explicit & RESUMABLE})
+    merged["resume"] = path
+    return argparse.Namespace(**merged)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def main(args: argparse.Namespace) -> int:
+    rank, world_size, device = setup_distributed(args)
+    args.rank, args.world_size = rank, world_size
+    is_main = rank == 0
+    log = print if is_main else (lambda *a, **k: None)
+    seed_everything(args.seed, args.deterministic)
+    stop = StopRequest()
+
+    if args.demo and is_main and not os.path.isfile(os.path.join(args.data_root, "train.csv")):
+        import datatools
+
+        log(f"making the synthetic demo dataset in {args.data_root} (once)")
+        datatools.make_demo(args.data_root, workers=os.cpu_count() or 1)
+    if world_size > 1:
+        dist.barrier()
+
+    preprocess = Preprocess(crop=args.crop, size=args.image_size)
+    scale = (1 - args.scale_jitter, 1 + args.scale_jitter)
+    augment = Augment(hflip=args.hflip, vflip=args.vflip, rotation=args.rotation, scale=scale,
+                      stain=args.color_jitter, brightness=args.color_jitter)
+    train_batches, valid_batches, train_sampler, train_labels, valid_labels = load_data(args, preprocess, rank, world_size, device)
+    train_transform, eval_transform = BatchTransform(preprocess, augment), BatchTransform(preprocess)
+
+    raw_model = build_model(args.model, num_classes=2).to(device)
+    channels_last = args.channels_last if args.channels_last is not None else device.type == "cuda"
+    if channels_last:
+        raw_model = raw_model.to(memory_format=torch.channels_last)
+    dtype = utils.amp_dtype(device, args.amp)
+    optimizer = build_optimizer(raw_model, args, device)
+    scheduler = build_scheduler(optimizer, len(train_batches), args)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    ema = EMA(raw_model, args.ema) if args.ema > 0 else None
+    counts = torch.bincount(torch.tensor(train_labels), minlength=2).float()
+    weight = (counts.sum() / (2 * counts)).to(device) if args.class_balance == "loss" else None
+    criterion = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=args.label_smoothing)
+    eval_criterion = torch.nn.CrossEntropyLoss()
+
+    start_epoch, history, best = 0, [], {"value": -1.0, "epoch": -1}
+    if args.resume:
+        checkpoint = utils.load_checkpoint(args.resume)
+        raw_model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        if ema is not None:
+            ema.load_state_dict(checkpoint["ema_state"])
+        set_rng_states(checkpoint["rng"])
+        start_epoch, history = checkpoint["epoch"], checkpoint["history"]
+        best = {"value": checkpoint["best_metric"], "epoch": checkpoint["best_epoch"]}
+        log(f"resumed {args.resume} after epoch {start_epoch}; best valid {args.best_metric} {best['value']:.4f}")
+
+    model = raw_model
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        model = torch.compile(model)
+
+    out = run_dir(args)
+    if is_main:
+        os.makedirs(out, exist_ok=True)
+        for stale in glob.glob(os.path.join(out, ".*.tmp")):  # left by a process killed while saving
+            os.remove(stale)
+        utils.atomic_write(os.path.join(out, "args.json"), lambda f: f.write(json.dumps(vars(args), indent=2).encode()))
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    log(f"device {utils.device_name(device)} x {world_size} process(es), precision {dtype or torch.float32}, "
+        f"channels_last {channels_last}, compile {args.compile}")
+    log(f"model {args.model}: {n_params / 1e6:.1f} M parameters; input {preprocess.crop or 'full'} px crop -> "
+        f"{preprocess.size or preprocess.crop or 'native'} px")
+    log(f"data {args.data_root}: {len(train_labels)} train ({int(counts[1])} ALL, {int(counts[0])} hem), {len(valid_labels)} valid; "
+        f"{len(train_batches)} steps of {args.batch_size} x {world_size} per epoch; run folder {out}")
+
+    for epoch in range(start_epoch, args.epochs):
+        train_sampler.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        try:
+            stats = train_one_epoch(model, raw_model, ema, train_batches, train_transform, optimizer, scheduler, scaler, criterion,
+                                    epoch, args, device, dtype, channels_last, stop, is_main)
+        except FloatingPointError as e:
+            log(f"error: {e}. Stopped; {os.path.join(out, 'last.pt')} keeps the last good epoch. "
+                "Lower --lr, or try --amp off, then --resume.")
+            return 1
+        if stats is None:
+            break
+        eval_model = ema.module if ema is not None else raw_model
+        stats.update(evaluate(eval_model, valid_batches, eval_transform, eval_criterion, valid_labels, args, device, dtype, channels_last))
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(stats["valid_acc"])
+        history.append({"epoch": epoch + 1, "lr": lr, **stats})
+        metric = stats["valid_acc" if args.best_metric == "acc" else "valid_f1"]
+        improved = metric > best["value"]
+        if improved:
+            best = {"value": metric, "epoch": epoch + 1}
+        if is_main:
+            checkpoint = make_checkpoint(raw_model, ema, optimizer, scheduler, scaler, epoch + 1, best, history, args, preprocess, augment)
+            utils.save_checkpoint(checkpoint, os.path.join(out, "last.pt"))
+            if improved:
+                utils.save_checkpoint(checkpoint, os.path.join(out, "best.pt"))
+            write_history(os.path.join(out, "history.csv"), history)
+        log(f"epoch {epoch + 1}/{args.epochs}  lr {lr:.2e}  train loss {stats['train_loss']:.4f} acc {stats['train_acc']:.4f}  "
+            f"valid loss {stats['valid_loss']:.4f} acc {stats['valid_acc']:.4f} f1 {stats['valid_f1']:.4f}  "
+            f"{stats['seconds']:.0f}s {stats['images_per_s']:.0f} img/s" + ("  *best" if improved else ""), flush=True)
+        if stop.signal:
+            break
+
+    if stop.signal:
+        done = history[-1]["epoch"] if history else start_epoch
+        log(f"\nstopped by {stop.signal} after epoch {done}: {os.path.join(out, 'last.pt')} holds it. Continue with:\n"
+            f"  python train.py --run-name {args.run_name} --output-dir {args.output_dir} --resume")
+        return 130 if stop.signal == "SIGINT" else 143
+    log(f"done: best valid {args.best_metric} {best['value']:.4f} at epoch {best['epoch']}; run folder {out}")
+    best_pt = os.path.join(out, "best.pt")
+    log(f"next:\n  python evaluate.py --checkpoint {best_pt}\n  python plot.py {out}\n  python predict.py --checkpoint {best_pt}")
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = get_args_parser().parse_args(argv)
+    explicit = set(vars(get_args_parser(add_help=False, suppress_defaults=True).parse_args(argv)))
+    if args.resume:
+        if args.demo:
+            args = resolve_args(args, explicit)
+        args.run_name = args.run_name or args.model
+        return merge_resumed_args(args, explicit)
+    return resolve_args(args, explicit)
+
+
+if __name__ == "__main__":
+    try:
+        args = parse_args()
+        code = main(args)
+    except (DataError, utils.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    sys.exit(code)

@@ -1,0 +1,247 @@
+"""What train.py, evaluate.py, predict.py and plot.py share: devices, safe files, checkpoints, batches, inference."""
+from __future__ import annotations
+
+import csv
+import errno
+import glob
+import io
+import os
+import tempfile
+from contextlib import nullcontext
+from typing import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dataloader import BatchTransform, Preprocess
+from resnet import MODELS, ResNet, build_model
+
+CHECKPOINT_KEYS = ("model", "model_name", "num_classes", "preprocess", "epoch")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used here; the message names the file and what to do."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Devices and precision
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA, then Apple's MPS, then the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but PyTorch sees no CUDA GPU (use --device auto or cpu)")
+    return torch.device(name)
+
+
+def amp_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | None:
+    """The autocast dtype: bf16 on CUDA where supported, else fp16; None (fp32) on CPU or with amp='off'."""
+    if amp == "off" or device.type == "cpu":
+        return None
+    if amp == "bf16" or (amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return device.type
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files that are never half-written
+
+
+def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write path through a temporary file in the same folder, fsync it, then os.replace it over path.
+
+    A kill or a full disk at any moment leaves either the old file or the new one, never a broken one.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            kept = "the previous version is intact" if os.path.exists(path) else "nothing was written"
+            raise OSError(e.errno, f"disk full while writing {path}; {kept}. Free some space and run again") from e
+        raise
+
+
+def write_csv_atomic(path: str, header: list[str], rows: list[list]) -> None:
+    def write(f):
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+        f.write(text.getvalue().encode())
+
+    atomic_write(path, write)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(checkpoint: dict, path: str) -> None:
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint of this project, read with weights_only=True; a clear error for anything else."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint. Runs are folders under checkpoints/ holding last.pt and best.pt")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e}); "
+                              "it may be truncated or from another program") from e
+    if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in CHECKPOINT_KEYS):
+        raise CheckpointError(f"{path}: not a checkpoint written by train.py (a bare state_dict?); "
+                              f"expected the keys {', '.join(CHECKPOINT_KEYS)}")
+    if checkpoint["model_name"] not in MODELS:
+        raise CheckpointError(f"{path}: unknown model {checkpoint['model_name']!r}")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint: dict, device: torch.device) -> tuple[ResNet, Preprocess]:
+    """The network (EMA weights where the run kept them: those are what it validated) and its preprocessing."""
+    model = build_model(checkpoint["model_name"], num_classes=checkpoint["num_classes"])
+    model.load_state_dict(checkpoint.get("ema") or checkpoint["model"])
+    return model.to(device).eval(), Preprocess.from_dict(checkpoint["preprocess"])
+
+
+def find_runs(checkpoints_dir: str = "checkpoints", model: str | None = None, name: str = "best.pt") -> list[str]:
+    """Run folders under checkpoints_dir holding `name`, optionally only those of one model."""
+    runs = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(checkpoints_dir, "*", name)))
+    if model is not None:
+        runs = [r for r in runs if load_checkpoint(os.path.join(r, name))["model_name"] == model]
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batches of uint8 images
+
+
+class EpochBatchSampler(Sampler):
+    """Index batches for one epoch and one process: the order depends on (seed, epoch) only.
+
+    With shuffle, every epoch is a fresh permutation seeded by seed + epoch, padded to a multiple of
+    world_size and dealt out to the ranks (as DistributedSampler does). Without shuffle, the ranks take
+    indices rank, rank + world_size, ... with no padding, so evaluation sees every item exactly once.
+    """
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False):
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.rank, self.world_size, self.drop_last, self.epoch = rank, world_size, drop_last, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def indices(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.rank, self.n, self.world_size))
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        order += order[: (-len(order)) % self.world_size]
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        idx = self.indices()
+        stop = len(idx) - len(idx) % self.batch_size if self.drop_last and len(idx) >= self.batch_size else len(idx)
+        for i in range(0, stop, self.batch_size):
+            yield idx[i : i + self.batch_size]
+
+    def __len__(self) -> int:
+        n = len(self.indices())
+        return n // self.batch_size if self.drop_last and n >= self.batch_size else -(-n // self.batch_size)
+
+
+class IndexedDataset(Dataset):
+    """Wraps a dataset so each item also carries its index (for gathering predictions across processes)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        item = self.dataset[i]
+        return (i, *item) if isinstance(item, tuple) else (i, item)
+
+
+def make_loader(dataset: Dataset, sampler: EpochBatchSampler, workers: int, pin_memory: bool) -> DataLoader:
+    return DataLoader(IndexedDataset(dataset), batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+
+
+class CachedBatches:
+    """Every decoded uint8 image of a dataset held in one tensor (RAM, pinned, or on the GPU).
+
+    Built once by a pass of a multi-worker loader; after that an epoch decodes nothing.
+    """
+
+    def __init__(self, dataset: Dataset, sampler: EpochBatchSampler, workers: int, device: torch.device, pin_memory: bool):
+        self.sampler = sampler
+        reader = DataLoader(IndexedDataset(dataset), batch_size=64, num_workers=workers)
+        images, labels = None, torch.zeros(len(dataset), dtype=torch.long)
+        for batch in reader:
+            index, x = batch[0], batch[1]
+            if images is None:
+                images = torch.empty((len(dataset), *x.shape[1:]), dtype=torch.uint8, device=device,
+                                     pin_memory=pin_memory and device.type == "cpu")
+            images[index.to(images.device)] = x.to(images.device)
+            if len(batch) > 2:
+                labels[index] = batch[2]
+        self.images, self.labels = images, labels.to(device)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        for batch in self.sampler:
+            index = torch.tensor(batch, device=self.images.device)
+            yield torch.tensor(batch), self.images[index], self.labels[index]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inference
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, batches, transform: BatchTransform, device: torch.device,
+                   dtype: torch.dtype | None = None, channels_last: bool = False, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, float32 logits) over batches of (index, uint8 image[, label]); with tta, averaged over 4 flips."""
+    model.eval()
+    all_index, all_logits = [], []
+    for batch in batches:
+        index, x = batch[0], batch[1].to(device, non_blocking=True)
+        x = transform(x)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        views = [x, x.flip(3), x.flip(2), x.flip(2).flip(3)] if tta else [x]
+        with autocast(device, dtype):
+            logits = sum(model(v).float().softmax(1) for v in views) / len(views) if tta else model(x).float()
+        all_index.append(index.cpu())
+        all_logits.append((logits.clamp_min(1e-12).log() if tta else logits).cpu())
+    return torch.cat(all_index), torch.cat(all_logits)
