@@ -46,7 +46,7 @@ SEED_RECIPE_PER_MODEL = {"resnet18": dict(batch_size=64, epochs=201), "resnet50"
 DEMO = dict(model="resnet18", data_root=os.path.join("data", "demo"), run_name="demo", epochs=15, batch_size=32,
             lr=0.05, warmup_epochs=1, image_size=64, cache="ram", ema=0.99)
 # Flags that may differ when a run is resumed; any other flag given with --resume must match the run.
-RESUMABLE = {"resume", "epochs", "workers", "device", "compile", "cache", "print_freq", "data_root", "output_dir", "run_name", "amp"}
+RESUMABLE = {"resume", "epochs", "lr", "workers", "device", "compile", "cache", "print_freq", "data_root", "output_dir", "run_name", "amp"}
 
 
 def get_args_parser(add_help: bool = True, suppress_defaults: bool = False) -> argparse.ArgumentParser:
@@ -248,6 +248,16 @@ def build_scheduler(optimizer, steps_per_epoch: int, args: argparse.Namespace):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, args))
 
 
+def set_peak_lr(optimizer: torch.optim.Optimizer, scheduler, lr: float) -> None:
+    """Rescale the schedule to a new peak --lr (a resumed run that diverged goes on with a lower one)."""
+    for i, group in enumerate(optimizer.param_groups):
+        ratio = lr / group.get("initial_lr", group["lr"])
+        group["lr"] *= ratio
+        if "initial_lr" in group:
+            group["initial_lr"] = lr
+            scheduler.base_lrs[i] = lr
+
+
 class EMA:
     """An exponential moving average of the weights and BatchNorm statistics, warmed up over the first steps."""
 
@@ -442,6 +452,9 @@ def main(args: argparse.Namespace) -> int:
         if ema is not None:
             ema.load_state_dict(checkpoint["ema_state"])
         set_rng_states(checkpoint["rng"])
+        if args.lr != checkpoint["args"]["lr"]:
+            set_peak_lr(optimizer, scheduler, args.lr)
+            log(f"peak learning rate changed from {checkpoint['args']['lr']} to {args.lr}")
         start_epoch, history = checkpoint["epoch"], checkpoint["history"]
         best = {"value": checkpoint["best_metric"], "epoch": checkpoint["best_epoch"]}
         log(f"resumed {args.resume} after epoch {start_epoch}; best valid {args.best_metric} {best['value']:.4f}")

@@ -1,0 +1,247 @@
+import csv
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+import utils
+from conftest import ROOT
+
+TINY = ["--image-size", "32", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--print-freq", "2"]
+
+
+def run_train(demo_root, out, *extra, check=True):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data-root", demo_root, "--output-dir", str(out), *TINY, *extra]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def read_history(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def weights(path):
+    return utils.load_checkpoint(path)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def assert_same_history(a, b):
+    timing = {"seconds", "images_per_s"}
+    assert [{k: v for k, v in r.items() if k not in timing} for r in a] == [{k: v for k, v in r.items() if k not in timing} for r in b]
+
+
+def test_end_to_end_run_writes_every_run_file(demo_root, tmp_path):
+    result = run_train(demo_root, tmp_path, "--epochs", "2", "--run-name", "tiny")
+    run = tmp_path / "tiny"
+    assert sorted(os.listdir(run)) == ["args.json", "best.pt", "history.csv", "last.pt"]
+    assert "device cpu" in result.stdout and "48 train (33 ALL, 15 hem), 16 valid" in result.stdout
+    assert "python evaluate.py --checkpoint" in result.stdout
+    history = read_history(run / "history.csv")
+    assert [int(r["epoch"]) for r in history] == [1, 2]
+    assert list(history[0]) == ["epoch", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "valid_f1", "seconds", "images_per_s"]
+
+    checkpoint = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    for key in ("model", "optimizer", "scheduler", "scaler", "ema", "epoch", "best_metric", "history", "rng", "model_name",
+                "num_classes", "preprocess", "args"):
+        assert key in checkpoint
+    assert checkpoint["epoch"] == 2 and checkpoint["model_name"] == "resnet18" and checkpoint["num_classes"] == 2
+    assert checkpoint["preprocess"]["size"] == 32 and checkpoint["preprocess"]["crop"] == 350
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in checkpoint["model"])
+    best = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
+    assert best["best_metric"] == max(float(r["valid_acc"]) for r in history)
+
+    model, preprocess = utils.model_from_checkpoint(checkpoint, torch.device("cpu"))
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 2) and preprocess.size == 32
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(demo_root, tmp_path):
+    flags = ["--epochs", "4", "--deterministic", "--seed", "3"]
+    run_train(demo_root, tmp_path, *flags, "--run-name", "straight")
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data-root", demo_root, "--output-dir", str(tmp_path), *TINY,
+           *flags, "--run-name", "killed"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    history = tmp_path / "killed" / "history.csv"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if history.exists() and len(read_history(history)) >= 2:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    done = len(read_history(history))
+    assert done < 4
+    result = run_train(demo_root, tmp_path, "--run-name", "killed", "--resume")
+    assert f"resumed {tmp_path / 'killed' / 'last.pt'} after epoch {done}" in result.stdout
+    assert_same_weights(weights(tmp_path / "straight" / "last.pt"), weights(tmp_path / "killed" / "last.pt"))
+    assert_same_history(read_history(tmp_path / "straight" / "history.csv"), read_history(tmp_path / "killed" / "history.csv"))
+
+
+def test_finished_run_resumed_with_more_epochs_goes_on(demo_root, tmp_path):
+    flags = ["--deterministic", "--scheduler", "step", "--lr-step", "2", "--ema", "0"]
+    run_train(demo_root, tmp_path, "--epochs", "3", *flags, "--run-name", "straight")
+    run_train(demo_root, tmp_path, "--epochs", "2", *flags, "--run-name", "more")
+    run_train(demo_root, tmp_path, "--epochs", "3", "--run-name", "more", "--resume")
+    assert len(read_history(tmp_path / "more" / "history.csv")) == 3
+    assert_same_weights(weights(tmp_path / "straight" / "last.pt"), weights(tmp_path / "more" / "last.pt"))
+
+
+def test_sigterm_stops_cleanly_and_says_how_to_resume(demo_root, tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data-root", demo_root, "--output-dir", str(tmp_path), *TINY,
+           "--epochs", "50", "--run-name", "term"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    history = tmp_path / "term" / "history.csv"
+    deadline = time.time() + 240
+    while time.time() < deadline and not history.exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out
+    assert "stopped by SIGTERM" in out and "--resume" in out
+    last = utils.load_checkpoint(str(tmp_path / "term" / "last.pt"))
+    assert last["epoch"] == len(read_history(history)) >= 1
+
+
+def test_bad_resume_inputs_get_clear_errors(demo_root, tmp_path):
+    result = run_train(demo_root, tmp_path, "--run-name", "nothing", "--resume", check=False)
+    assert result.returncode == 1 and "no such checkpoint" in result.stderr
+
+    run_train(demo_root, tmp_path, "--epochs", "1", "--run-name", "r18")
+    result = run_train(demo_root, tmp_path, "--model", "resnet50", "--run-name", "r18", "--resume", check=False)
+    assert result.returncode == 1 and "is a resnet18 run, not resnet50" in result.stderr
+    result = run_train(demo_root, tmp_path, "--run-name", "r18", "--resume", "--optimizer", "adam", check=False)
+    assert result.returncode == 1 and "--optimizer sgd" in result.stderr and "cannot change on resume" in result.stderr
+
+    torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "bare.pt")
+    result = run_train(demo_root, tmp_path, "--resume", str(tmp_path / "bare.pt"), check=False)
+    assert result.returncode == 1 and "not a checkpoint written by train.py" in result.stderr
+    (tmp_path / "broken.pt").write_bytes(b"\x00" * 100)
+    result = run_train(demo_root, tmp_path, "--resume", str(tmp_path / "broken.pt"), check=False)
+    assert result.returncode == 1 and "broken.pt: not a readable PyTorch checkpoint" in result.stderr
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(demo_root, tmp_path):
+    flags = ["--run-name", "nan", "--scheduler", "none", "--ema", "0", "--momentum", "0"]
+    run_train(demo_root, tmp_path, "--epochs", "1", *flags)
+    before = utils.load_checkpoint(str(tmp_path / "nan" / "last.pt"))
+    result = run_train(demo_root, tmp_path, "--epochs", "3", "--resume", "--lr", "1e30", *flags[:2], check=False)
+    assert "peak learning rate changed from 0.05 to 1e+30" in result.stdout
+    assert result.returncode == 1 and "loss became nan" in result.stdout.lower()
+    assert "keeps the last good epoch" in result.stdout
+    after = utils.load_checkpoint(str(tmp_path / "nan" / "last.pt"))
+    assert after["epoch"] == 1
+    assert_same_weights(before["model"], after["model"])
+
+
+def test_two_process_torchrun_on_cpu(demo_root, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           os.path.join(ROOT, "train.py"), "--data-root", demo_root, "--output-dir", str(tmp_path), *TINY,
+           "--epochs", "2", "--run-name", "ddp"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("epoch 2/2  lr") == 1  # only rank 0 prints
+    assert "x 2 process(es)" in result.stdout and "3 steps of 8 x 2 per epoch" in result.stdout
+    checkpoint = utils.load_checkpoint(str(tmp_path / "ddp" / "last.pt"))
+    assert checkpoint["epoch"] == 2 and not any(k.startswith("module.") for k in checkpoint["model"])
+    # valid accuracy is a share of exactly the 16 valid images
+    assert all(round(float(r["valid_acc"]) * 16, 4) == round(float(r["valid_acc"]) * 16) for r in read_history(tmp_path / "ddp" / "history.csv"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Atomic saves
+
+
+def test_save_killed_halfway_leaves_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "last.pt"
+    utils.save_checkpoint({"model": {"w": torch.ones(3)}, "epoch": 1}, str(path))
+    script = (
+        "import os, signal, sys, torch\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "import utils\n"
+        "def write(f):\n"
+        "    f.write(b'x' * 1000)\n"
+        "    f.flush()\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"utils.atomic_write({str(path)!r}, write)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script])
+    assert result.returncode == -signal.SIGKILL
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["epoch"] == 1 and torch.equal(loaded["model"]["w"], torch.ones(3))
+
+
+def test_full_disk_says_so_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "best.pt"
+    utils.save_checkpoint({"epoch": 1}, str(path))
+
+    def full(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match="disk full while writing .*best.pt; the previous version is intact"):
+        utils.save_checkpoint({"epoch": 2}, str(path))
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["best.pt"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pieces
+
+
+def test_recipes_fill_only_unset_flags():
+    args = train.parse_args(["--model", "resnet152", "--recipe", "seed", "--lr", "0.01"])
+    assert (args.batch_size, args.epochs, args.lr, args.optimizer, args.label_smoothing) == (32, 31, 0.01, "sgd", 0.0)
+    args = train.parse_args(["--demo"])
+    assert (args.model, args.image_size, args.run_name, args.data_root) == ("resnet18", 64, "demo", os.path.join("data", "demo"))
+
+
+def test_every_flag_has_help():
+    for action in train.get_args_parser()._actions:
+        assert action.help, action.dest
+
+
+def test_epoch_sampler_shards_without_overlap_and_depends_only_on_epoch():
+    a = utils.EpochBatchSampler(10, 3, shuffle=True, seed=1, rank=0, world_size=2)
+    b = utils.EpochBatchSampler(10, 3, shuffle=True, seed=1, rank=1, world_size=2)
+    a.set_epoch(5)
+    b.set_epoch(5)
+    assert sorted(a.indices() + b.indices()) == list(range(10))
+    again = utils.EpochBatchSampler(10, 3, shuffle=True, seed=1, rank=0, world_size=2)
+    again.set_epoch(5)
+    assert list(again) == list(a)
+    valid = [utils.EpochBatchSampler(7, 2, shuffle=False, rank=r, world_size=3).indices() for r in range(3)]
+    assert sorted(sum(valid, [])) == list(range(7))
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    args = train.parse_args(["--epochs", "10", "--warmup-epochs", "2"])
+    f = [train.lr_factor(s, 5, args) for s in range(50)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[-1] < 0.01
+    assert all(x >= y for x, y in zip(f[10:], f[11:]))
+
+
+def test_ema_tracks_weights():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = train.EMA(model, decay=0.5)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    start = ema.module[0].weight.clone()
+    ema.update(model)
+    d = min(0.5, 2 / 11)
+    torch.testing.assert_close(ema.module[0].weight, d * start + (1 - d) * model[0].weight)
