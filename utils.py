@@ -245,3 +245,24 @@ def predict_logits(model: torch.nn.Module, batches, transform: BatchTransform, d
         all_index.append(index.cpu())
         all_logits.append((logits.clamp_min(1e-12).log() if tta else logits).cpu())
     return torch.cat(all_index), torch.cat(all_logits)
+
+
+def dataset_logits(model: torch.nn.Module, preprocess: Preprocess, dataset: Dataset, device: torch.device,
+                   batch_size: int = 64, workers: int = 2, tta: bool = False) -> torch.Tensor:
+    """float32 logits (N, classes) for every item of a uint8 dataset, in dataset order. Never shuffled."""
+    sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=False)
+    loader = DataLoader(IndexedDataset(dataset), batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda")
+    index, logits = predict_logits(model, loader, BatchTransform(preprocess), device, amp_dtype(device),
+                                   channels_last=device.type == "cuda", tta=tta)
+    assert torch.equal(index, torch.arange(len(dataset))), "predictions must come back in dataset order"
+    return logits
+
+
+def run_name_of(checkpoint_path: str) -> str:
+    """checkpoints/resnet50/best.pt -> resnet50"""
+    return os.path.basename(os.path.dirname(os.path.abspath(checkpoint_path)))
+
+
+def checkpoint_data_root(checkpoint: dict, given: str | None) -> str:
+    """The --data-root given, else the one the run was trained on, else data/."""
+    return given or (checkpoint.get("args") or {}).get("data_root") or "data"

@@ -23,3 +23,20 @@ def shared_path(*parts: str) -> str:
     if not os.path.exists(path):
         pytest.skip(f"{path} is absent: the shared course files sit beside the repository only on the lab machines")
     return path
+
+
+def train_run(demo_root: str, out: str, name: str, *extra: str) -> str:
+    import subprocess
+
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data-root", demo_root, "--output-dir", out, "--run-name", name,
+           "--image-size", "32", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--epochs", "2", *extra]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return os.path.join(out, name)
+
+
+@pytest.fixture(scope="session")
+def trained_runs(demo_root, tmp_path_factory) -> list[str]:
+    """Two finished tiny runs of the demo data: checkpoints/a (resnet18) and checkpoints/b (resnet18, other seed)."""
+    out = str(tmp_path_factory.mktemp("checkpoints"))
+    return [train_run(demo_root, out, "a"), train_run(demo_root, out, "b", "--seed", "7", "--ema", "0")]

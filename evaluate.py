@@ -1,0 +1,212 @@
+"""Metrics, confusion matrices, ROC curves and the worst mistakes of trained runs, on the valid set.
+
+    python evaluate.py                                   every run under checkpoints/ that has a best.pt
+    python evaluate.py --model resnet50                  the runs of one model
+    python evaluate.py --checkpoint checkpoints/demo/best.pt
+    python evaluate.py --csv data/cnmc/test_labels.csv   any labelled CSV (e.g. held-out patients)
+
+Each run gets results/<run-name>/: metrics.json, predictions.csv, confusion_matrix.png, roc.png, errors.png.
+Several runs also get results/comparison.md and .csv. Preprocessing comes from the checkpoint: no flag repeats it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from sklearn import metrics as skm  # noqa: E402
+
+import utils  # noqa: E402
+from dataloader import CLASSES, DataError, RetinopathyLoader, decode_image, read_csv  # noqa: E402
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", nargs="+", help="checkpoint files to evaluate (default: every checkpoints/*/best.pt)")
+    parser.add_argument("--model", choices=["resnet18", "resnet50", "resnet152"], help="only the runs of this model")
+    parser.add_argument("--checkpoints-dir", default="checkpoints", help="where the run folders are (default: checkpoints)")
+    parser.add_argument("--split", choices=["valid", "train"], default="valid", help="split to evaluate on (default: valid)")
+    parser.add_argument("--csv", help="a labelled CSV (Path,label) to evaluate on instead of --split")
+    parser.add_argument("--data-root", help="dataset folder (default: the one each run was trained on)")
+    parser.add_argument("--out-dir", default="results", help="results go to OUT_DIR/<run-name>/ (default: results)")
+    parser.add_argument("--tta", action="store_true", help="average the predictions over the four flips of each image")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes (default: min(8, cores))")
+    parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="where to run (default: auto)")
+    parser.add_argument("--gallery", type=int, default=16, help="most confidently wrong cells to show (default: 16)")
+    return parser
+
+
+def compute_metrics(labels: np.ndarray, prob_all: np.ndarray) -> dict:
+    """The lab's and the C-NMC challenge's metrics from true labels and P(ALL); predicted label = P(ALL) >= 0.5."""
+    pred = (prob_all >= 0.5).astype(int)
+    precision, recall, f1, support = skm.precision_recall_fscore_support(labels, pred, labels=[0, 1], zero_division=0)
+    result = {
+        "images": int(len(labels)),
+        "accuracy": skm.accuracy_score(labels, pred),
+        "balanced_accuracy": skm.balanced_accuracy_score(labels, pred),
+        "weighted_f1": skm.f1_score(labels, pred, average="weighted", zero_division=0),
+        "macro_f1": skm.f1_score(labels, pred, average="macro", zero_division=0),
+        "roc_auc": skm.roc_auc_score(labels, prob_all) if len(set(labels.tolist())) == 2 else None,
+        "sensitivity_ALL": recall[1],
+        "specificity_ALL": recall[0],
+        "confusion_matrix": skm.confusion_matrix(labels, pred, labels=[0, 1]).tolist(),
+    }
+    for i, name in enumerate(CLASSES):
+        result[f"precision_{name}"], result[f"recall_{name}"], result[f"f1_{name}"], result[f"support_{name}"] = (
+            precision[i], recall[i], f1[i], int(support[i]))
+    return {k: float(v) if isinstance(v, (np.floating, float)) else v for k, v in result.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Figures
+
+
+def plot_confusion_matrix(cm: np.ndarray, title: str, path: str) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
+    normalised = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    for ax, values, fmt, name in ((axes[0], cm, "d", "counts"), (axes[1], normalised, ".2f", "row-normalised (recall)")):
+        image = ax.imshow(values, cmap="Blues", vmin=0)
+        fig.colorbar(image, ax=ax, fraction=0.046)
+        for i in range(2):
+            for j in range(2):
+                ax.text(j, i, format(values[i, j], fmt), ha="center", va="center", fontsize=13,
+                        color="white" if values[i, j] > values.max() / 2 else "black")
+        ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=CLASSES, yticklabels=CLASSES,
+               xlabel="Predicted label", ylabel="True label", title=name)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_roc(labels: np.ndarray, prob_all: np.ndarray, title: str, path: str) -> None:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    if len(set(labels.tolist())) == 2:
+        fpr, tpr, _ = skm.roc_curve(labels, prob_all)
+        ax.plot(fpr, tpr, label=f"AUC {skm.roc_auc_score(labels, prob_all):.4f}")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlabel="False positive rate (hem called ALL)", ylabel="True positive rate (ALL found)", title=title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_worst_errors(paths: list[str], labels: np.ndarray, prob_all: np.ndarray, crop: int | None, title: str, path: str, k: int) -> int:
+    """A gallery of the k most confidently wrong cells; returns how many it shows."""
+    pred = (prob_all >= 0.5).astype(int)
+    wrong = np.flatnonzero(pred != labels)
+    wrong = wrong[np.argsort(-np.abs(prob_all[wrong] - 0.5))][:k]
+    cols = max(1, min(4, len(wrong)))
+    rows = max(1, -(-len(wrong) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, wrong):
+        ax.imshow(decode_image(paths[i], crop, None).permute(1, 2, 0).numpy())
+        ax.set_title(f"{os.path.basename(paths[i])}\ntrue {CLASSES[labels[i]]}, pred {CLASSES[pred[i]]}\nP(ALL) {prob_all[i]:.3f}", fontsize=9)
+    if len(wrong) == 0:
+        axes[0, 0].text(0.5, 0.5, "no errors", ha="center", va="center", fontsize=14)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return len(wrong)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def evaluate_run(checkpoint_path: str, args: argparse.Namespace, device: torch.device) -> dict:
+    checkpoint = utils.load_checkpoint(checkpoint_path)
+    model, preprocess = utils.model_from_checkpoint(checkpoint, device)
+    root = utils.checkpoint_data_root(checkpoint, args.data_root)
+    split = "custom" if args.csv else args.split
+    dataset = RetinopathyLoader(root, "valid" if args.csv else args.split, preprocess=preprocess, output="uint8", csv_path=args.csv)
+    logits = utils.dataset_logits(model, preprocess, dataset, device, args.batch_size, args.workers, args.tta)
+    prob_all = logits.softmax(1)[:, 1].numpy()
+    labels = np.asarray(dataset.label)
+    run = utils.run_name_of(checkpoint_path)
+    out = os.path.join(args.out_dir, run)
+    os.makedirs(out, exist_ok=True)
+
+    result = compute_metrics(labels, prob_all)
+    result["loss"] = torch.nn.functional.cross_entropy(logits, torch.as_tensor(labels)).item()
+    history = checkpoint.get("history") or []
+    result.update({
+        "run": run, "model": checkpoint["model_name"], "checkpoint": checkpoint_path, "epoch": checkpoint["epoch"],
+        "split": split, "csv": dataset.csv_path, "tta": args.tta,
+        "best_train_acc": max((h["train_acc"] for h in history), default=None),
+        "best_valid_acc": max((h["valid_acc"] for h in history), default=None),
+    })
+    utils.atomic_write(os.path.join(out, "metrics.json"), lambda f: f.write(json.dumps(result, indent=2).encode()))
+    names, _ = read_csv(dataset.csv_path, labelled=True)
+    utils.write_csv_atomic(os.path.join(out, "predictions.csv"), ["path", "label", "pred", "prob_ALL"],
+                           [[n, int(y), int(p >= 0.5), repr(float(p))] for n, y, p in zip(names, labels, prob_all)])
+    title = f"{run} ({checkpoint['model_name']}, epoch {checkpoint['epoch']}), {split}: acc {result['accuracy']:.4f}"
+    plot_confusion_matrix(np.array(result["confusion_matrix"]), title, os.path.join(out, "confusion_matrix.png"))
+    plot_roc(labels, prob_all, title, os.path.join(out, "roc.png"))
+    plot_worst_errors(dataset.img_name, labels, prob_all, preprocess.crop, f"{run}: most confidently wrong", os.path.join(out, "errors.png"), args.gallery)
+    print_metrics(result)
+    print(f"  wrote {out}/: metrics.json predictions.csv confusion_matrix.png roc.png errors.png")
+    return result
+
+
+def print_metrics(m: dict) -> None:
+    cm = m["confusion_matrix"]
+    auc = f"{m['roc_auc']:.4f}" if m["roc_auc"] is not None else "n/a"
+    print(f"\n{m['run']} ({m['model']}, epoch {m['epoch']}) on {m['split']}: {m['images']} images")
+    print(f"  accuracy {m['accuracy']:.4f}  balanced {m['balanced_accuracy']:.4f}  weighted F1 {m['weighted_f1']:.4f}  "
+          f"macro F1 {m['macro_f1']:.4f}  ROC-AUC {auc}  loss {m['loss']:.4f}")
+    print(f"  sensitivity (ALL) {m['sensitivity_ALL']:.4f}  specificity {m['specificity_ALL']:.4f}")
+    print(f"  {'class':<6}{'precision':>10}{'recall':>8}{'F1':>8}{'support':>9}    confusion (rows true, cols pred)")
+    for i, c in enumerate(CLASSES):
+        print(f"  {c:<6}{m[f'precision_{c}']:>10.4f}{m[f'recall_{c}']:>8.4f}{m[f'f1_{c}']:>8.4f}{m[f'support_{c}']:>9}"
+              f"    {c:<4}{cm[i][0]:>6}{cm[i][1]:>6}")
+
+
+COMPARISON_COLUMNS = ["run", "model", "epoch", "best_train_acc", "best_valid_acc", "accuracy", "balanced_accuracy",
+                      "weighted_f1", "macro_f1", "roc_auc", "sensitivity_ALL", "specificity_ALL", "images"]
+
+
+def write_comparison(results: list[dict], out_dir: str) -> None:
+    """results/comparison.csv and .md: one row per run, as the report's table of train/valid accuracy."""
+    def cell(v):
+        return f"{v:.4f}" if isinstance(v, float) else "" if v is None else str(v)
+
+    rows = [[cell(r[c]) for c in COMPARISON_COLUMNS] for r in results]
+    utils.write_csv_atomic(os.path.join(out_dir, "comparison.csv"), COMPARISON_COLUMNS, rows)
+    lines = ["| " + " | ".join(COMPARISON_COLUMNS) + " |", "|" + "---|" * len(COMPARISON_COLUMNS)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    utils.atomic_write(os.path.join(out_dir, "comparison.md"), lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    print("\n" + "\n".join(lines))
+    print(f"\nwrote {os.path.join(out_dir, 'comparison.md')} and comparison.csv")
+
+
+def main(args: argparse.Namespace) -> int:
+    device = utils.resolve_device(args.device)
+    checkpoints = args.checkpoint or [os.path.join(r, "best.pt") for r in utils.find_runs(args.checkpoints_dir, args.model)]
+    if not checkpoints:
+        print(f"error: no run with a best.pt under {args.checkpoints_dir}/{' for ' + args.model if args.model else ''}; "
+              "train one first (python train.py --demo) or pass --checkpoint", file=sys.stderr)
+        return 1
+    results = [evaluate_run(path, args, device) for path in checkpoints]
+    if len(results) > 1:
+        write_comparison(results, args.out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(get_args_parser().parse_args()))
+    except (DataError, utils.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,121 @@
+"""Training curves of runs, and all models compared, from each run's history.csv (also while it trains).
+
+    python plot.py                                   every run under checkpoints/
+    python plot.py checkpoints/resnet18 checkpoints/resnet50 --format pdf
+
+Per run: results/<run-name>/curves.<fmt> (accuracy and loss per epoch, best epoch marked, learning rate).
+All runs: results/comparison_valid_acc.<fmt>.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+HISTORY_COLUMNS = {"epoch", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc"}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="*", help="run folders holding history.csv (default: every one under --checkpoints-dir)")
+    parser.add_argument("--checkpoints-dir", default="checkpoints", help="where the run folders are (default: checkpoints)")
+    parser.add_argument("--out-dir", default="results", help="figures go to OUT_DIR/<run-name>/ (default: results)")
+    parser.add_argument("--format", choices=["png", "pdf", "svg"], default="png", help="figure file format (default: png)")
+    return parser
+
+
+def read_history(run: str) -> pd.DataFrame:
+    path = os.path.join(run, "history.csv")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no history.csv; is {run} a run folder written by train.py?")
+    history = pd.read_csv(path)
+    missing = HISTORY_COLUMNS - set(history.columns)
+    if missing:
+        raise ValueError(f"{path}: columns {', '.join(sorted(missing))} missing; not a history written by train.py")
+    return history
+
+
+def run_label(run: str) -> str:
+    """'resnet50' or 'my-run (resnet50)', from the run's args.json."""
+    name = os.path.basename(os.path.normpath(run))
+    try:
+        with open(os.path.join(run, "args.json")) as f:
+            model = json.load(f).get("model")
+    except (OSError, ValueError):
+        model = None
+    return name if model in (None, name) else f"{name} ({model})"
+
+
+def plot_run(run: str, history: pd.DataFrame, path: str) -> None:
+    best = history.loc[history["valid_acc"].idxmax()]
+    fig, (acc, loss, lr) = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, key in ((acc, "acc"), (loss, "loss")):
+        ax.plot(history["epoch"], history[f"train_{key}"], label=f"train {key}")
+        ax.plot(history["epoch"], history[f"valid_{key}"], label=f"valid {key}")
+        ax.axvline(best["epoch"], color="grey", ls=":", lw=1)
+        ax.set(xlabel="epoch", ylabel=key, yscale="log" if key == "loss" else "linear")
+        ax.grid(alpha=0.3)
+    acc.scatter([best["epoch"]], [best["valid_acc"]], color="C1", zorder=3, label=f"best valid, epoch {int(best['epoch'])}")
+    acc.legend()
+    loss.legend()
+    lr.plot(history["epoch"], history["lr"], color="C2")
+    lr.set(xlabel="epoch", ylabel="learning rate (at epoch start)", yscale="log" if (history["lr"] > 0).all() else "linear")
+    lr.grid(alpha=0.3)
+    fig.suptitle(f"{run_label(run)} - Best train acc: {history['train_acc'].max():.2%}, "
+                 f"Best valid acc: {best['valid_acc']:.2%} (epoch {int(best['epoch'])} of {int(history['epoch'].max())})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_comparison(histories: dict[str, pd.DataFrame], path: str) -> None:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for run, history in histories.items():
+        ax.plot(history["epoch"], history["valid_acc"], label=f"{run_label(run)}: best {history['valid_acc'].max():.2%}")
+    ax.set(xlabel="epoch", ylabel="valid accuracy", title="Valid accuracy of every run")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(args: argparse.Namespace) -> int:
+    runs = args.runs or sorted(os.path.dirname(p) for p in glob.glob(os.path.join(args.checkpoints_dir, "*", "history.csv")))
+    if not runs:
+        print(f"error: no run with a history.csv under {args.checkpoints_dir}/; train one first (python train.py --demo)", file=sys.stderr)
+        return 1
+    histories = {}
+    for run in runs:
+        try:
+            history = read_history(run)
+        except (OSError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        if history.empty:
+            print(f"{run}: no finished epoch yet, skipped")
+            continue
+        histories[run] = history
+        out = os.path.join(args.out_dir, os.path.basename(os.path.normpath(run)))
+        os.makedirs(out, exist_ok=True)
+        path = os.path.join(out, f"curves.{args.format}")
+        plot_run(run, history, path)
+        print(f"wrote {path}")
+    if histories:
+        os.makedirs(args.out_dir, exist_ok=True)
+        path = os.path.join(args.out_dir, f"comparison_valid_acc.{args.format}")
+        plot_comparison(histories, path)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

@@ -1,0 +1,184 @@
+"""evaluate.py, predict.py and plot.py on runs made by train.py."""
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn import metrics as skm
+
+import dataloader
+from conftest import ROOT, shared_path
+
+
+def run(script, *args, cwd=None):
+    on_cpu = [] if script == "plot.py" else ["--device", "cpu", "--workers", "0"]
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args, *on_cpu], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def rows(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluate.py
+
+
+def test_evaluate_metrics_agree_with_sklearn_on_its_own_predictions(trained_runs, demo_root, tmp_path):
+    result = run("evaluate.py", "--checkpoint", os.path.join(trained_runs[0], "best.pt"), "--out-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "a"
+    assert sorted(os.listdir(out)) == ["confusion_matrix.png", "errors.png", "metrics.json", "predictions.csv", "roc.png"]
+    for figure in ("confusion_matrix.png", "errors.png", "roc.png"):
+        assert Image.open(out / figure).format == "PNG"
+    m = json.loads((out / "metrics.json").read_text())
+    table = rows(out / "predictions.csv")
+    assert table[0] == ["path", "label", "pred", "prob_ALL"]
+    names, labels = dataloader.read_csv(os.path.join(demo_root, "valid.csv"), True)
+    assert [r[0] for r in table[1:]] == names and [int(r[1]) for r in table[1:]] == labels  # CSV order, never shuffled
+    y, pred, prob = (np.array([float(r[i]) for r in table[1:]]) for i in (1, 2, 3))
+    assert np.array_equal(pred, prob >= 0.5)
+    assert m["images"] == 16
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
+    assert m["weighted_f1"] == pytest.approx(skm.f1_score(y, pred, average="weighted"))
+    assert m["macro_f1"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
+    assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(y, prob), abs=1e-4)
+    assert m["sensitivity_ALL"] == pytest.approx(skm.recall_score(y, pred, pos_label=1))
+    assert m["specificity_ALL"] == pytest.approx(skm.recall_score(y, pred, pos_label=0))
+    assert m["precision_hem"] == pytest.approx(skm.precision_score(y, pred, pos_label=0, zero_division=0))
+    assert m["confusion_matrix"] == skm.confusion_matrix(y, pred).tolist()
+    # the same numbers train.py recorded for that epoch
+    with open(os.path.join(trained_runs[0], "history.csv")) as f:
+        history = {int(r["epoch"]): r for r in csv.DictReader(f)}[m["epoch"]]
+    assert m["accuracy"] == pytest.approx(float(history["valid_acc"]))
+    assert m["loss"] == pytest.approx(float(history["valid_loss"]), rel=1e-4)
+    assert "weighted F1" in result.stdout and "sensitivity (ALL)" in result.stdout
+
+
+def test_evaluate_is_deterministic(trained_runs, tmp_path):
+    for d in ("x", "y"):
+        assert run("evaluate.py", "--checkpoint", os.path.join(trained_runs[0], "best.pt"), "--out-dir", str(tmp_path / d)).returncode == 0
+    assert (tmp_path / "x" / "a" / "predictions.csv").read_text() == (tmp_path / "y" / "a" / "predictions.csv").read_text()
+
+
+def test_evaluate_every_run_writes_a_comparison(trained_runs, tmp_path):
+    checkpoints = os.path.dirname(trained_runs[0])
+    result = run("evaluate.py", "--checkpoints-dir", checkpoints, "--model", "resnet18", "--out-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    table = rows(tmp_path / "comparison.csv")
+    assert [r[0] for r in table[1:]] == ["a", "b"]
+    assert table[0][:5] == ["run", "model", "epoch", "best_train_acc", "best_valid_acc"]
+    assert (tmp_path / "comparison.md").read_text().count("| resnet18 |") == 2
+
+
+def test_evaluate_without_runs_says_what_to_do(tmp_path):
+    result = run("evaluate.py", "--checkpoints-dir", str(tmp_path))
+    assert result.returncode == 1 and "python train.py --demo" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# predict.py
+
+
+def lab_test_root(tmp_path):
+    """The course's real test CSV with small synthetic cells at its paths."""
+    root = tmp_path / "lab"
+    root.mkdir()
+    shutil.copy(shared_path("lab_csv", "resnet_18_test.csv"), root / "resnet_18_test.csv")
+    ids, _ = dataloader.read_csv(str(root / "resnet_18_test.csv"), False)
+    (root / "new_dataset" / "test").mkdir(parents=True)
+    cells = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)) for i in range(4)]
+    for k, cells_path in enumerate(ids):
+        cells[k % 4].save(root / cells_path)
+    return root, ids
+
+
+def test_submission_matches_the_course_test_csv(trained_runs, tmp_path):
+    root, ids = lab_test_root(tmp_path)
+    out = tmp_path / "sub.csv"
+    result = run("predict.py", "--checkpoint", os.path.join(trained_runs[0], "best.pt"), "--data-root", str(root), "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    table = rows(out)
+    assert table[0] == ["ID", "label"]
+    assert [r[0] for r in table[1:]] == ids and len(ids) == 1067
+    assert {r[1] for r in table[1:]} <= {"0", "1"}
+    sample = rows(shared_path("lab_csv", "sample_submission.csv"))
+    assert [r[0] for r in sample] == [r[0] for r in table]  # the layout Kaggle accepted
+
+
+def test_predict_by_model_name_with_probs_and_tta(trained_runs, demo_root, tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(trained_runs[0], checkpoints / "resnet18")
+    result = run("predict.py", "--model", "resnet18", "--checkpoints-dir", str(checkpoints), "--tta", "--probs", "probs.csv", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    submission = rows(tmp_path / "submissions" / "resnet18.csv")
+    probs = rows(tmp_path / "probs.csv")
+    ids, _ = dataloader.read_csv(os.path.join(demo_root, "resnet_18_test.csv"), False)
+    assert [r[0] for r in submission[1:]] == ids == [r[0] for r in probs[1:]]
+    assert probs[0] == ["ID", "prob_ALL"]
+    assert [int(r[1]) for r in submission[1:]] == [int(float(p[1]) >= 0.5) for p in probs[1:]]
+
+
+def test_ensemble_averages_probabilities(trained_runs, tmp_path):
+    a, b = (os.path.join(r, "best.pt") for r in trained_runs)
+    for name, checkpoints in (("a", [a]), ("b", [b]), ("ab", [a, b])):
+        result = run("predict.py", "--checkpoint", *checkpoints, "--output", str(tmp_path / f"{name}.csv"), "--probs", str(tmp_path / f"{name}_p.csv"))
+        assert result.returncode == 0, result.stderr
+    p = {n: np.array([float(r[1]) for r in rows(tmp_path / f"{n}_p.csv")[1:]]) for n in ("a", "b", "ab")}
+    np.testing.assert_allclose(p["ab"], (p["a"] + p["b"]) / 2, atol=2e-6)
+    assert rows(tmp_path / "ab.csv")[0] == ["ID", "label"]
+
+
+@pytest.mark.parametrize("damage", ["missing", "unreadable"])
+def test_bad_test_image_stops_with_its_name_and_no_partial_file(trained_runs, demo_root, tmp_path, damage):
+    root = tmp_path / "data"
+    shutil.copytree(demo_root, root)
+    bad = root / "new_dataset" / "test" / "5.bmp"
+    if damage == "missing":
+        bad.unlink()
+    else:
+        bad.write_bytes(b"BM not really")
+    out = tmp_path / "sub.csv"
+    out.write_text("an earlier submission\n")
+    result = run("predict.py", "--checkpoint", os.path.join(trained_runs[0], "best.pt"), "--data-root", str(root), "--output", str(out))
+    assert result.returncode == 1 and "5.bmp" in result.stderr
+    assert out.read_text() == "an earlier submission\n"
+    assert sorted(os.listdir(tmp_path)) == ["data", "sub.csv"]  # no temporary file left either
+
+
+def test_predict_of_a_missing_model_says_how_to_train_it(tmp_path):
+    result = run("predict.py", "--model", "resnet152", "--checkpoints-dir", str(tmp_path))
+    assert result.returncode == 1 and "python train.py --model resnet152" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# plot.py
+
+
+def test_plot_writes_curves_and_comparison(trained_runs, tmp_path):
+    result = run("plot.py", *trained_runs, "--out-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    for name in ("a", "b"):
+        assert Image.open(tmp_path / name / "curves.png").size[0] > 1000
+    assert Image.open(tmp_path / "comparison_valid_acc.png").format == "PNG"
+
+
+def test_plot_works_on_a_run_still_training_and_in_pdf(trained_runs, tmp_path):
+    live = tmp_path / "live"
+    live.mkdir()
+    lines = open(os.path.join(trained_runs[0], "history.csv")).read().splitlines()
+    (live / "history.csv").write_text("\n".join(lines[:2]) + "\n")  # one epoch so far
+    result = run("plot.py", str(live), "--out-dir", str(tmp_path / "out"), "--format", "pdf")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "live" / "curves.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_plot_rejects_a_folder_that_is_not_a_run(tmp_path):
+    result = run("plot.py", str(tmp_path))
+    assert result.returncode == 1 and "no history.csv" in result.stderr
