@@ -294,7 +294,7 @@ def train_one_epoch(model, raw_model, ema, batches, transform, optimizer, schedu
                     channels_last, stop: StopRequest, show: bool) -> dict:
     """Train for one epoch; returns loss, accuracy and images/s (None if stopped by a signal)."""
     model.train()
-    generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + epoch * 1_009 + args.rank)
+    generator = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch * 1_009 + args.rank)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, steps, start = 0, len(batches), time.perf_counter()
