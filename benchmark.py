@@ -1,0 +1,342 @@
+"""How fast this project trains, measured against references in the same run.
+
+    python benchmark.py                                   CPU: small settings, under 3 minutes
+    python benchmark.py --json benchmark.json             also write the figures as JSON
+    python benchmark.py --preset gpu --json gpu.json      CUDA: 450 px, every model, course-sized data
+
+Every figure is a ratio where above 1 means this project is faster, measured in the same process:
+  model_vs_torchvision  train-step images/s of resnet.py against torchvision's same network, interleaved
+  pipeline_vs_report    images/s of the input pipeline against the seed report's (PIL per image: flip,
+                        rotation 15, ToTensor, Normalize), same files and workers, up to an augmented,
+                        normalised float batch on the training device
+  epoch_vs_report       one training epoch of train.py against a report-style loop (fp32, NCHW, PIL, .item())
+On CUDA also: images/s and the share of the GPU's bf16 peak per model, the share of step time spent
+waiting for data, and the estimated time of 200 ResNet152 epochs on the course data.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torchvision
+from PIL import Image
+from torchvision import transforms
+
+import train
+import utils
+from dataloader import Augment, BatchTransform, Preprocess, RetinopathyLoader, getData
+from resnet import build_model
+
+# Dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s.
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "RTX 4090": 165.0, "V100": 125.0}
+PRESETS = {
+    "cpu": dict(models=["resnet18"], image_size=64, batch_size=16, steps=6, rounds=3, pipeline_images=256, train_images=256),
+    "gpu": dict(models=["resnet18", "resnet50", "resnet152"], image_size=None, batch_size=64, steps=30, rounds=3,
+                pipeline_images=4096, train_images=7995),
+}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=list(PRESETS), help="settings for the machine (default: gpu on CUDA, else cpu)")
+    parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="training device (default: auto)")
+    parser.add_argument("--data-root", default=os.path.join("data", "bench"),
+                        help="450 px dataset in the course layout; made with the demo generator if missing (default: data/bench)")
+    parser.add_argument("--models", nargs="+", help="models to measure (default: from the preset)")
+    parser.add_argument("--image-size", type=int, help="network input side; unset keeps the 350 px crop (default: from the preset)")
+    parser.add_argument("--batch-size", type=int, help="images per step (default: from the preset)")
+    parser.add_argument("--steps", type=int, help="timed steps per round of the model comparison (default: from the preset)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds of the model comparison (default: from the preset)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="data-loading processes for both pipelines (default: all cores)")
+    parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if not in the built-in table")
+    parser.add_argument("--json", help="write the figures to this JSON file")
+    return parser
+
+
+def bench_data(root: str, images: int, workers: int) -> str:
+    """A course-layout dataset of 450 px demo cells with at least `images` train images."""
+    if os.path.isfile(os.path.join(root, "train.csv")) and len(getData("train", root)[0]) >= images:
+        return root
+    import datatools
+
+    datatools.make_demo(root, sizes=(images, 64, 0), seed=0, workers=workers)
+    return root
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. resnet.py against torchvision
+
+
+def train_step_rate(model, x, y, steps: int, device, dtype) -> float:
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    criterion = torch.nn.CrossEntropyLoss()
+
+    def step():
+        with utils.autocast(device, dtype):
+            loss = criterion(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return steps * len(x) / (time.perf_counter() - start)
+
+
+def model_vs_torchvision(name: str, cfg: dict, device, dtype, channels_last: bool) -> dict:
+    side = cfg["image_size"] or 350
+    torch.manual_seed(0)
+    ours, theirs = build_model(name).to(device), getattr(torchvision.models, name)(num_classes=2).to(device)
+    theirs.load_state_dict(ours.state_dict())
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    ours, theirs = ours.to(memory_format=fmt).train(), theirs.to(memory_format=fmt).train()
+    x = torch.randn(cfg["batch_size"], 3, side, side, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 2, (cfg["batch_size"],), device=device)
+    rates = {"ours": [], "torchvision": []}
+    for _ in range(cfg["rounds"]):
+        rates["ours"].append(train_step_rate(ours, x, y, cfg["steps"], device, dtype))
+        rates["torchvision"].append(train_step_rate(theirs, x, y, cfg["steps"], device, dtype))
+    ratios = [a / b for a, b in zip(rates["ours"], rates["torchvision"])]
+    return {"ours_images_per_s": statistics.median(rates["ours"]), "torchvision_images_per_s": statistics.median(rates["torchvision"]),
+            "ratio": statistics.median(ratios), "image_size": side, "batch_size": cfg["batch_size"]}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. input pipelines
+
+
+class ReportDataset(torch.utils.data.Dataset):
+    """The seed report's RetinopathyLoader: PIL per image, flip, rotation 15, ToTensor, Normalize."""
+
+    def __init__(self, root: str, extra: list | None = None):
+        self.paths, self.labels = getData("train", root)
+        self.transform = transforms.Compose([*(extra or []), transforms.RandomHorizontalFlip(), transforms.RandomRotation(degrees=15),
+                                             transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        return self.transform(Image.open(self.paths[i])), self.labels[i]
+
+
+def pipeline_rate(batches, device, transform=None, images: int = 0) -> float:
+    """Images/s until `images` have arrived on the device as float batches (after one warm-up batch)."""
+    it = iter(batches)
+    next(it)
+    seen, start = 0, time.perf_counter()
+    for batch in it:
+        x = batch[1] if len(batch) == 3 else batch[0]
+        x = x.to(device, non_blocking=True)
+        x = transform(x) if transform is not None else x
+        seen += len(x)
+        if seen >= images:
+            break
+    sync(device)
+    return seen / (time.perf_counter() - start)
+
+
+def pipeline_vs_report(root: str, cfg: dict, workers: int, device) -> dict:
+    n, batch = cfg["pipeline_images"], 32
+    pin = device.type == "cuda"
+    report = torch.utils.data.DataLoader(ReportDataset(root), batch_size=batch, shuffle=True, num_workers=workers, pin_memory=pin)
+    rates = {"report": pipeline_rate(report, device, images=n)}
+    for label, pre in (("ours", Preprocess(crop=350)), ("ours_full_450", Preprocess(crop=None))):
+        dataset = RetinopathyLoader(root, "train", preprocess=pre, output="uint8")
+        sampler = utils.EpochBatchSampler(len(dataset), batch, shuffle=True)
+        loader = utils.make_loader(dataset, sampler, workers, pin)
+        transform = BatchTransform(pre, Augment())
+        rates[label] = pipeline_rate(loader, device, lambda x: transform(x, None), images=n)
+        rates[label + "_host_only"] = pipeline_rate(loader, torch.device("cpu"), images=n)  # decode and crop: the CPU's share on a GPU
+    return {**{f"{k}_images_per_s": v for k, v in rates.items()}, "workers": workers,
+            "ratio": rates["ours"] / rates["report"], "ratio_full_450": rates["ours_full_450"] / rates["report"],
+            "host_ratio": rates["ours_host_only"] / rates["report"]}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. a training epoch
+
+
+def report_epoch(root: str, name: str, batch_size: int, workers: int, device, size: int | None) -> float:
+    """The seed report's loop: fp32, NCHW, PIL pipeline, .item() every step. Returns images/s."""
+    extra = [transforms.Resize(size)] if size else []
+    loader = torch.utils.data.DataLoader(ReportDataset(root, extra), batch_size=batch_size, shuffle=True, num_workers=workers)
+    model = build_model(name).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+    criterion = torch.nn.CrossEntropyLoss()
+    seen, running_loss, correct, start = 0, 0.0, 0, time.perf_counter()
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        outputs = model(x)
+        loss = criterion(outputs, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        running_loss += loss.item()
+        correct += (outputs.argmax(1) == y).sum().item()
+        seen += len(x)
+    sync(device)
+    return seen / (time.perf_counter() - start)
+
+
+class TimedBatches:
+    """Wraps an iterable of batches and adds up the time the loop waits for the next one."""
+
+    def __init__(self, batches):
+        self.batches, self.wait = batches, 0.0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        it = iter(self.batches)
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.wait += time.perf_counter() - start
+            yield batch
+
+
+def ours_epoch(root: str, name: str, batch_size: int, workers: int, device, size: int | None, cache: str, compile_model: bool = False) -> dict:
+    """One epoch of train.py's own loop with its default recipe. Returns images/s and the data-wait share."""
+    argv = ["--model", name, "--data-root", root, "--batch-size", str(batch_size), "--workers", str(workers), "--cache", cache,
+            "--device", device.type, "--epochs", "1", "--print-freq", "1000000"]
+    argv += ["--image-size", str(size)] if size else []
+    argv += ["--compile"] if compile_model else []
+    args = train.parse_args(argv)
+    args.rank, args.world_size = 0, 1
+    train.seed_everything(args.seed, False)
+    preprocess = Preprocess(crop=args.crop, size=args.image_size)
+    train_batches, _, sampler, labels, _ = train.load_data(args, preprocess, 0, 1, device)
+    model = build_model(name).to(device)
+    channels_last = device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    dtype = utils.amp_dtype(device)
+    optimizer = train.build_optimizer(model, args, device)
+    scheduler = train.build_scheduler(optimizer, len(train_batches), args)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    ema = train.EMA(model, args.ema)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    augment = Augment(hflip=args.hflip, vflip=args.vflip, rotation=args.rotation, scale=(1 - args.scale_jitter, 1 + args.scale_jitter),
+                      stain=args.color_jitter, brightness=args.color_jitter)
+    compiled = torch.compile(model) if compile_model else model
+    timed = TimedBatches(train_batches)
+    results = {}
+    for epoch in range(2 if device.type == "cuda" else 1):  # on CUDA the first epoch warms up cudnn and the cache
+        sampler.set_epoch(epoch)
+        timed.wait = 0.0
+        stats = train.train_one_epoch(compiled, model, ema, timed, BatchTransform(preprocess, augment), optimizer, scheduler, scaler,
+                                      criterion, epoch, args, device, dtype, channels_last, train.StopRequest(), False)
+        results = {"images_per_s": stats["images_per_s"], "seconds": stats["seconds"], "data_wait_share": timed.wait / stats["seconds"],
+                   "train_images": len(labels)}
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. CUDA throughput against the hardware's peak
+
+
+def gpu_peak_tflops(device, given: float | None) -> float | None:
+    if given:
+        return given
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+
+
+def model_throughput(name: str, cfg: dict, device, dtype, peak: float | None) -> dict:
+    side = cfg["image_size"] or 350
+    model = build_model(name).to(device).to(memory_format=torch.channels_last).train()
+    x = torch.randn(cfg["batch_size"], 3, side, side, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 2, (cfg["batch_size"],), device=device)
+    rate = train_step_rate(model, x, y, cfg["steps"], device, dtype)
+    train_flops = 3 * model.flops_per_image(side)  # forward + backward (twice the forward)
+    result = {"images_per_s": rate, "image_size": side, "train_gflops_per_image": train_flops / 1e9}
+    if peak:
+        result["bf16_peak_share"] = train_flops * rate / (peak * 1e12)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def main(args: argparse.Namespace) -> int:
+    device = utils.resolve_device(args.device)
+    cfg = dict(PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")])
+    for k in ("models", "image_size", "batch_size", "steps", "rounds"):
+        if getattr(args, k) is not None:
+            cfg[k] = getattr(args, k)
+    dtype = utils.amp_dtype(device)
+    channels_last = device.type == "cuda"
+    torch.backends.cudnn.benchmark = True
+    root = bench_data(args.data_root, max(cfg["pipeline_images"], cfg["train_images"]), args.workers)
+    out = {"device": utils.device_name(device), "cpu_cores": os.cpu_count(), "torch": torch.__version__,
+           "date": time.strftime("%Y-%m-%d"), "settings": cfg, "command": " ".join(["python", *sys.argv])}
+    print(f"device {out['device']}, {out['cpu_cores']} CPU cores, torch {torch.__version__}; data {root}")
+
+    out["model_vs_torchvision"] = {m: model_vs_torchvision(m, cfg, device, dtype, channels_last) for m in cfg["models"]}
+    for m, r in out["model_vs_torchvision"].items():
+        print(f"1. {m} train step at {r['image_size']} px: ours {r['ours_images_per_s']:.1f} img/s, "
+              f"torchvision {r['torchvision_images_per_s']:.1f} img/s, ratio {r['ratio']:.3f}")
+
+    p = out["pipeline"] = pipeline_vs_report(root, cfg, args.workers, device)
+    print(f"2. input pipeline, {p['workers']} workers, to a float batch on {device.type}: report {p['report_images_per_s']:.0f} img/s; "
+          f"ours {p['ours_images_per_s']:.0f} (350 px crop, ratio {p['ratio']:.2f}), {p['ours_full_450_images_per_s']:.0f} "
+          f"(full 450 px, ratio {p['ratio_full_450']:.2f}); ours' CPU share alone (decode + crop, uint8) {p['ours_host_only_images_per_s']:.0f} "
+          f"(ratio {p['host_ratio']:.2f})")
+
+    epoch_model = "resnet50" if device.type == "cuda" else cfg["models"][0]
+    cache = "gpu" if device.type == "cuda" else "none"
+    ours = ours_epoch(root, epoch_model, cfg["batch_size"], args.workers, device, cfg["image_size"], cache)
+    theirs = report_epoch(root, epoch_model, cfg["batch_size"], args.workers, device, cfg["image_size"])
+    out["epoch"] = {"model": epoch_model, "ours": ours, "report_images_per_s": theirs, "ratio": ours["images_per_s"] / theirs}
+    print(f"3. one {epoch_model} epoch: train.py {ours['images_per_s']:.0f} img/s (data wait {ours['data_wait_share']:.1%}), "
+          f"report-style loop {theirs:.0f} img/s, ratio {out['epoch']['ratio']:.2f}")
+
+    out["model_vs_torchvision_ratio"] = {m: r["ratio"] for m, r in out["model_vs_torchvision"].items()}
+    summary = {"model_vs_torchvision": min(out["model_vs_torchvision_ratio"].values()), "pipeline_vs_report": p["ratio"],
+               "epoch_vs_report": out["epoch"]["ratio"]}
+    if device.type == "cuda":
+        peak = gpu_peak_tflops(device, args.peak_tflops)
+        out["throughput"] = {m: model_throughput(m, cfg, device, dtype, peak) for m in cfg["models"]}
+        summary["images_per_s"] = {m: r["images_per_s"] for m, r in out["throughput"].items()}
+        summary["bf16_peak_share"] = {m: r.get("bf16_peak_share") for m, r in out["throughput"].items()}
+        summary["data_wait_share"] = ours["data_wait_share"]
+        for m, r in out["throughput"].items():
+            share = f", {r['bf16_peak_share']:.1%} of the {peak:.0f} TFLOP/s bf16 peak" if peak else ""
+            print(f"4. {m} at {r['image_size']} px: {r['images_per_s']:.0f} img/s{share}")
+        if "resnet152" in cfg["models"]:
+            r152 = ours_epoch(root, "resnet152", cfg["batch_size"], args.workers, device, cfg["image_size"], cache)
+            minutes = 200 * r152["train_images"] / r152["images_per_s"] / 60
+            summary["resnet152_200_epochs_minutes"] = minutes
+            print(f"4. resnet152: one epoch of {r152['train_images']} images at {r152['images_per_s']:.0f} img/s "
+                  f"(data wait {r152['data_wait_share']:.1%}): 200 epochs in about {minutes:.0f} minutes (training only)")
+    out.update(summary)
+    print("\n| figure | value |\n|---|---|")
+    for k, v in summary.items():
+        print(f"| {k} | {json.dumps(v, default=lambda x: round(x, 3)) if isinstance(v, dict) else f'{v:.3f}'} |")
+    if args.json:
+        utils.atomic_write(args.json, lambda f: f.write(json.dumps(out, indent=2).encode()))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
