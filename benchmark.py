@@ -174,6 +174,8 @@ def pipeline_vs_report(root: str, cfg: dict, workers: int, device) -> dict:
 def report_epoch(root: str, name: str, batch_size: int, workers: int, device, size: int | None) -> float:
     """The seed report's loop: fp32, NCHW, PIL pipeline, .item() every step. Returns images/s."""
     extra = [transforms.Resize(size)] if size else []
+    torch.backends.cudnn.benchmark = False  # the report's defaults, whatever ran before
+    torch.backends.cuda.matmul.allow_tf32 = False
     loader = torch.utils.data.DataLoader(ReportDataset(root, extra), batch_size=batch_size, shuffle=True, num_workers=workers)
     model = build_model(name).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)

@@ -1,0 +1,113 @@
+"""python dataloader.py --import-cnmc: the public C-NMC release in the course layout, split by subject."""
+import csv
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+from PIL import Image
+
+import dataloader
+import datatools
+from conftest import ROOT, shared_path
+
+# subject -> cells; ALL subjects are numbers, normal (hem) subjects carry an H
+SUBJECTS = {"11": 30, "14": 22, "23": 15, "32": 12, "46": 9, "51": 6, "H10": 20, "H14": 14, "H22": 9, "H3": 5}
+
+
+@pytest.fixture()
+def release(tmp_path):
+    """A small release tree: fold_0..2/all|hem/UID_<subject>_<image>_<cell>_<all|hem>.bmp, plus bad names."""
+    src = tmp_path / "C-NMC_Leukemia" / "training_data"
+    cell = Image.new("RGB", (40, 40), (120, 60, 140))
+    for k, (subject, n) in enumerate(SUBJECTS.items()):
+        kind = "hem" if subject.startswith("H") else "all"
+        folder = src / f"fold_{k % 3}" / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            cell.save(folder / f"UID_{subject}_{i // 3 + 1}_{i % 3 + 1}_{kind}.bmp")
+    cell.save(src / "fold_0" / "all" / "snapshot.bmp")  # unparsable name
+    cell.save(src / "fold_1" / "hem" / "UID_77_1_1_all.bmp")  # an ALL name in the hem folder
+    (src / "fold_0" / "all" / "notes.txt").write_text("not an image")
+    return str(tmp_path / "C-NMC_Leukemia")
+
+
+def read(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def subject_of(path):
+    return datatools.parse_cnmc_name(os.path.basename(path))[0]
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("UID_11_10_1_all.bmp", ("11", 1)), ("UID_H10_43_1_hem.bmp", ("H10", 0)), ("uid_h3_1_2_HEM.PNG", ("H3", 0)),
+    ("UID_5_1_1_all.jpg", ("5", 1)), ("UID_11_10_all.bmp", None), ("UID_11_10_1_blast.bmp", None), ("11_10_1_all.bmp", None),
+])
+def test_release_names_parse(name, expected):
+    assert datatools.parse_cnmc_name(name) == expected
+
+
+def test_subject_split_writes_the_course_layout(release, tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "dataloader.py"), "--import-cnmc", release, "--out", str(out), "--seed", "1"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert read(out / "train.csv")[0] == ["Path", "label"] and read(out / "resnet_50_test.csv")[0] == ["Path"]
+    splits = {s: dataloader.getData(s, str(out)) for s in ("train", "valid")}
+    test_names, test_labels = dataloader.read_csv(str(out / "test_labels.csv"), True)
+    splits["test"] = ([os.path.normpath(os.path.join(out, p)) for p in test_names], test_labels)
+    assert sum(len(p) for p, _ in splits.values()) == sum(SUBJECTS.values())
+    # no subject in two splits, and every label agrees with its name
+    owner = {}
+    for split, (paths, labels) in splits.items():
+        for path, label in zip(paths, labels):
+            subject = subject_of(path)
+            assert owner.setdefault(subject, split) == split, f"{subject} is in {owner[subject]} and {split}"
+            assert label == (0 if subject.startswith("H") else 1)
+            assert os.path.isfile(path) and os.path.samefile(path, next(
+                os.path.join(d, f) for d, _, fs in os.walk(release) for f in fs if f == os.path.basename(path)))
+    # both classes in every split, and the split sizes near 60/20/20 for each class
+    for label, total in ((1, 94), (0, 48)):
+        per_split = {s: labels.count(label) for s, (_, labels) in splits.items()}
+        assert all(n > 0 for n in per_split.values()), per_split
+        assert abs(per_split["train"] / total - 0.6) < 0.2
+    assert sorted(dataloader.read_csv(str(out / "resnet_18_test.csv"), False)[0]) == sorted(test_names)
+    # bad names are reported, not silently dropped
+    assert "2 files not imported" in result.stdout
+    assert {os.path.basename(p) for p in (out / "unparsed.txt").read_text().split()} == {"snapshot.bmp", "UID_77_1_1_all.bmp"}
+    table = read(out / "subjects.csv")
+    assert table[0] == ["split", "subject", "label", "cells"] and len(table) - 1 == len(SUBJECTS)
+    assert "hem cells" in result.stdout and "ALL subj" in result.stdout
+    ds = dataloader.RetinopathyLoader(str(out), "valid", preprocess=dataloader.Preprocess(crop=None, size=32))
+    assert ds[0][0].shape == (3, 32, 32)
+
+
+def test_random_split_is_stratified(release, tmp_path):
+    split_of = datatools.import_cnmc(release, str(tmp_path / "out"), split="random", valid_frac=0.25, test_frac=0.25, seed=0)
+    counts = Counter((split, subject_of(p).startswith("H")) for p, split in split_of.items())
+    assert counts["valid", True] == counts["test", True] == 12 and counts["valid", False] == 24
+
+
+def test_import_refuses_to_overwrite_and_to_import_nothing(release, tmp_path):
+    datatools.import_cnmc(release, str(tmp_path / "out"))
+    with pytest.raises(dataloader.DataError, match="already holds a dataset"):
+        datatools.import_cnmc(release, str(tmp_path / "out"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(dataloader.DataError, match="no cell images"):
+        datatools.import_cnmc(str(tmp_path / "empty"), str(tmp_path / "out2"))
+
+
+def test_real_cells_keep_every_subject_in_one_split(tmp_path):
+    cnmc = shared_path("cnmc")
+    split_of = datatools.import_cnmc(cnmc, str(tmp_path / "out"))
+    assert len(split_of) == 2589
+    splits_of_subject = {}
+    for path, split in split_of.items():
+        splits_of_subject.setdefault(subject_of(path), set()).add(split)
+    assert all(len(s) == 1 for s in splits_of_subject.values())
+    labels = {s: Counter(subject_of(p).startswith("H") for p, sp in split_of.items() if sp == s) for s in ("train", "valid", "test")}
+    assert all(c[True] > 0 and c[False] > 0 for c in labels.values())
+    assert os.path.isfile(tmp_path / "out" / "new_dataset" / "valid" / os.path.basename(next(p for p, s in split_of.items() if s == "valid")))
