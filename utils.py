@@ -5,7 +5,9 @@ import csv
 import errno
 import glob
 import io
+import json
 import os
+import signal
 import tempfile
 from contextlib import nullcontext
 from typing import Callable, Iterator
@@ -41,10 +43,11 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def amp_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | None:
-    """The autocast dtype: bf16 on CUDA where supported, else fp16; None (fp32) on CPU or with amp='off'."""
-    if amp == "off" or device.type == "cpu":
+    """The autocast dtype: on CUDA bf16 where supported, else fp16; None (fp32) on the CPU, with amp='off',
+    and for 'auto' on other devices (ask for bf16 or fp16 there explicitly)."""
+    if amp == "off" or device.type == "cpu" or (amp == "auto" and device.type != "cuda"):
         return None
-    if amp == "bf16" or (amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
         return torch.bfloat16
     return torch.float16
 
@@ -127,16 +130,26 @@ def load_checkpoint(path: str) -> dict:
 def model_from_checkpoint(checkpoint: dict, device: torch.device) -> tuple[ResNet, Preprocess]:
     """The network (EMA weights where the run kept them: those are what it validated) and its preprocessing."""
     model = build_model(checkpoint["model_name"], num_classes=checkpoint["num_classes"])
-    model.load_state_dict(checkpoint.get("ema") or checkpoint["model"])
+    try:
+        model.load_state_dict(checkpoint.get("ema") or checkpoint["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"the weights do not fit a {checkpoint['model_name']} with {checkpoint['num_classes']} classes: {e}") from e
     return model.to(device).eval(), Preprocess.from_dict(checkpoint["preprocess"])
 
 
 def find_runs(checkpoints_dir: str = "checkpoints", model: str | None = None, name: str = "best.pt") -> list[str]:
     """Run folders under checkpoints_dir holding `name`, optionally only those of one model."""
     runs = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(checkpoints_dir, "*", name)))
-    if model is not None:
-        runs = [r for r in runs if load_checkpoint(os.path.join(r, name))["model_name"] == model]
-    return runs
+    return runs if model is None else [r for r in runs if run_model(r, name) == model]
+
+
+def run_model(run: str, name: str = "best.pt") -> str:
+    """The model a run trains, from its args.json (cheap), else from its checkpoint."""
+    try:
+        with open(os.path.join(run, "args.json")) as f:
+            return json.load(f)["model"]
+    except (OSError, ValueError, KeyError):
+        return load_checkpoint(os.path.join(run, name))["model_name"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -190,9 +203,16 @@ class IndexedDataset(Dataset):
         return (i, *item) if isinstance(item, tuple) else (i, item)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Ctrl-C and SIGTERM reach the whole process group: workers leave them to the main process, which stops
+    cleanly after the current step (workers still exit with it)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset: Dataset, sampler: EpochBatchSampler, workers: int, pin_memory: bool) -> DataLoader:
     return DataLoader(IndexedDataset(dataset), batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None, worker_init_fn=ignore_stop_signals)
 
 
 class CachedBatches:
@@ -203,7 +223,7 @@ class CachedBatches:
 
     def __init__(self, dataset: Dataset, sampler: EpochBatchSampler, workers: int, device: torch.device, pin_memory: bool):
         self.sampler = sampler
-        reader = DataLoader(IndexedDataset(dataset), batch_size=64, num_workers=workers)
+        reader = DataLoader(IndexedDataset(dataset), batch_size=64, num_workers=workers, worker_init_fn=ignore_stop_signals)
         images, labels = None, torch.zeros(len(dataset), dtype=torch.long)
         for batch in reader:
             index, x = batch[0], batch[1]

@@ -182,3 +182,14 @@ def test_plot_works_on_a_run_still_training_and_in_pdf(trained_runs, tmp_path):
 def test_plot_rejects_a_folder_that_is_not_a_run(tmp_path):
     result = run("plot.py", str(tmp_path))
     assert result.returncode == 1 and "no history.csv" in result.stderr
+
+
+def test_checkpoint_whose_weights_are_of_another_model_is_refused(trained_runs, tmp_path):
+    import torch
+
+    checkpoint = torch.load(os.path.join(trained_runs[0], "best.pt"), weights_only=True)
+    checkpoint["model_name"] = "resnet50"
+    torch.save(checkpoint, tmp_path / "mislabelled.pt")
+    result = run("predict.py", "--checkpoint", str(tmp_path / "mislabelled.pt"), "--output", str(tmp_path / "sub.csv"))
+    assert result.returncode == 1 and "do not fit a resnet50" in result.stderr
+    assert not (tmp_path / "sub.csv").exists()

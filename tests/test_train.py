@@ -100,18 +100,20 @@ def test_finished_run_resumed_with_more_epochs_goes_on(demo_root, tmp_path):
     assert_same_weights(weights(tmp_path / "straight" / "last.pt"), weights(tmp_path / "more" / "last.pt"))
 
 
-def test_sigterm_stops_cleanly_and_says_how_to_resume(demo_root, tmp_path):
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_to_the_process_group_stops_cleanly_and_says_how_to_resume(demo_root, tmp_path, sig, code):
+    # Ctrl-C in a terminal signals every process of the group, DataLoader workers included.
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data-root", demo_root, "--output-dir", str(tmp_path), *TINY,
-           "--epochs", "50", "--run-name", "term"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           "--workers", "2", "--epochs", "50", "--run-name", "term"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     history = tmp_path / "term" / "history.csv"
     deadline = time.time() + 240
     while time.time() < deadline and not history.exists():
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, sig)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 143, out
-    assert "stopped by SIGTERM" in out and "--resume" in out
+    assert proc.returncode == code, out
+    assert f"stopped by {sig.name}" in out and "--resume" in out and "Traceback" not in out
     last = utils.load_checkpoint(str(tmp_path / "term" / "last.pt"))
     assert last["epoch"] == len(read_history(history)) >= 1
 
@@ -245,3 +247,10 @@ def test_ema_tracks_weights():
     ema.update(model)
     d = min(0.5, 2 / 11)
     torch.testing.assert_close(ema.module[0].weight, d * start + (1 - d) * model[0].weight)
+
+
+def test_mixed_precision_choice():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert utils.amp_dtype(cpu, "auto") is None and utils.amp_dtype(cpu, "bf16") is None
+    assert utils.amp_dtype(cuda, "off") is None and utils.amp_dtype(cuda, "fp16") is torch.float16
+    assert utils.amp_dtype(torch.device("mps"), "auto") is None
