@@ -81,6 +81,6 @@ def main(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main(get_args_parser().parse_args()))
-    except (DataError, utils.CheckpointError) as e:
+    except (DataError, utils.CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -278,12 +278,6 @@ class EMA:
             if not e.dtype.is_floating_point:
                 e.copy_(m)
 
-    def state_dict(self) -> dict:
-        return {"weights": self.module.state_dict(), "updates": self.updates}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["weights"])
-        self.updates = state["updates"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -366,7 +360,7 @@ def run_dir(args: argparse.Namespace) -> str:
 
 def make_checkpoint(raw_model, ema, optimizer, scheduler, scaler, epoch, best, history, args, preprocess, augment) -> dict:
     return {
-        "model": raw_model.state_dict(), "ema": ema.module.state_dict() if ema else None, "ema_state": ema.state_dict() if ema else None,
+        "model": raw_model.state_dict(), "ema": ema.module.state_dict() if ema else None, "ema_updates": ema.updates if ema else 0,
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
         "epoch": epoch, "best_metric": best["value"], "best_epoch": best["epoch"], "metric": args.best_metric,
         "history": history, "rng": rng_states(), "model_name": args.model, "num_classes": 2,
@@ -450,7 +444,8 @@ def main(args: argparse.Namespace) -> int:
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         if ema is not None:
-            ema.load_state_dict(checkpoint["ema_state"])
+            ema.module.load_state_dict(checkpoint["ema"])
+            ema.updates = checkpoint["ema_updates"]
         set_rng_states(checkpoint["rng"])
         if args.lr != checkpoint["args"]["lr"]:
             set_peak_lr(optimizer, scheduler, args.lr)
@@ -538,7 +533,7 @@ if __name__ == "__main__":
     try:
         args = parse_args()
         code = main(args)
-    except (DataError, utils.CheckpointError) as e:
+    except (DataError, utils.CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         code = 1
     finally:
