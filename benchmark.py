@@ -52,6 +52,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, help="images per step (default: from the preset)")
     parser.add_argument("--steps", type=int, help="timed steps per round of the model comparison (default: from the preset)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds of the model comparison (default: from the preset)")
+    parser.add_argument("--images", type=int, help="images for the pipeline and epoch measurements (default: from the preset)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="data-loading processes for both pipelines (default: all cores)")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if not in the built-in table")
     parser.add_argument("--json", help="write the figures to this JSON file")
@@ -134,15 +135,22 @@ class ReportDataset(torch.utils.data.Dataset):
         return self.transform(Image.open(self.paths[i])), self.labels[i]
 
 
-def pipeline_rate(batches, device, transform=None, images: int = 0) -> float:
+def pipeline_rate(loader, device, transform=None, images: int = 0) -> float:
     """Images/s until `images` have arrived on the device as float batches (after one warm-up batch)."""
-    it = iter(batches)
-    next(it)
-    seen, start = 0, time.perf_counter()
-    for batch in it:
+
+    def forever():
+        while True:
+            yield from loader
+
+    seen, start = 0, None
+    for batch in forever():
         x = batch[1] if len(batch) == 3 else batch[0]
         x = x.to(device, non_blocking=True)
         x = transform(x) if transform is not None else x
+        if start is None:
+            sync(device)
+            start = time.perf_counter()
+            continue
         seen += len(x)
         if seen >= images:
             break
@@ -151,7 +159,8 @@ def pipeline_rate(batches, device, transform=None, images: int = 0) -> float:
 
 
 def pipeline_vs_report(root: str, cfg: dict, workers: int, device) -> dict:
-    n, batch = cfg["pipeline_images"], 32
+    n = cfg["pipeline_images"]
+    batch = max(1, min(32, n // 4))
     pin = device.type == "cuda"
     report = torch.utils.data.DataLoader(ReportDataset(root), batch_size=batch, shuffle=True, num_workers=workers, pin_memory=pin)
     rates = {"report": pipeline_rate(report, device, images=n)}
@@ -285,6 +294,8 @@ def main(args: argparse.Namespace) -> int:
     for k in ("models", "image_size", "batch_size", "steps", "rounds"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
+    if args.images:
+        cfg["pipeline_images"] = cfg["train_images"] = args.images
     dtype = utils.amp_dtype(device)
     channels_last = device.type == "cuda"
     torch.backends.cudnn.benchmark = True

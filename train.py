@@ -175,6 +175,10 @@ class StopRequest:
         if self.signal is not None:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
+        if hasattr(signal, "SIGCHLD"):
+            # A SIGTERM to the whole process group ends the DataLoader workers too; PyTorch's SIGCHLD handler
+            # would raise about that anywhere, even mid-save. The loop stops before it needs them again.
+            signal.signal(signal.SIGCHLD, lambda *_: None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -480,14 +484,19 @@ def main(args: argparse.Namespace) -> int:
         try:
             stats = train_one_epoch(model, raw_model, ema, train_batches, train_transform, optimizer, scheduler, scaler, criterion,
                                     epoch, args, device, dtype, channels_last, stop, is_main)
+            if stats is not None:
+                eval_model = ema.module if ema is not None else raw_model
+                stats.update(evaluate(eval_model, valid_batches, eval_transform, eval_criterion, valid_labels, args, device, dtype, channels_last))
         except FloatingPointError as e:
             log(f"error: {e}. Stopped; {os.path.join(out, 'last.pt')} keeps the last good epoch. "
                 "Lower --lr, or try --amp off, then --resume.")
             return 1
+        except Exception:
+            if not stop.signal:
+                raise
+            stats = None  # a SIGTERM to the whole process group ended the DataLoader workers mid-epoch
         if stats is None:
             break
-        eval_model = ema.module if ema is not None else raw_model
-        stats.update(evaluate(eval_model, valid_batches, eval_transform, eval_criterion, valid_labels, args, device, dtype, channels_last))
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(stats["valid_acc"])
         history.append({"epoch": epoch + 1, "lr": lr, **stats})

@@ -203,16 +203,15 @@ class IndexedDataset(Dataset):
         return (i, *item) if isinstance(item, tuple) else (i, item)
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """Ctrl-C and SIGTERM reach the whole process group: workers leave them to the main process, which stops
-    cleanly after the current step (workers still exit with it)."""
+def ignore_ctrl_c(worker_id: int) -> None:
+    """Ctrl-C reaches the whole process group: workers leave it to the main process, which stops cleanly
+    after the current step. (SIGTERM still ends a worker: multiprocessing stops its children with it.)"""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(dataset: Dataset, sampler: EpochBatchSampler, workers: int, pin_memory: bool) -> DataLoader:
     return DataLoader(IndexedDataset(dataset), batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None, worker_init_fn=ignore_stop_signals)
+                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None, worker_init_fn=ignore_ctrl_c)
 
 
 class CachedBatches:
@@ -223,7 +222,7 @@ class CachedBatches:
 
     def __init__(self, dataset: Dataset, sampler: EpochBatchSampler, workers: int, device: torch.device, pin_memory: bool):
         self.sampler = sampler
-        reader = DataLoader(IndexedDataset(dataset), batch_size=64, num_workers=workers, worker_init_fn=ignore_stop_signals)
+        reader = DataLoader(IndexedDataset(dataset), batch_size=64, num_workers=workers, worker_init_fn=ignore_ctrl_c)
         images, labels = None, torch.zeros(len(dataset), dtype=torch.long)
         for batch in reader:
             index, x = batch[0], batch[1]
