@@ -35,8 +35,8 @@ from resnet import build_model
 # Dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s.
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "RTX 4090": 165.0, "V100": 125.0}
 PRESETS = {
-    "cpu": dict(models=["resnet18"], image_size=64, batch_size=16, steps=6, rounds=3, pipeline_images=256, train_images=256),
-    "gpu": dict(models=["resnet18", "resnet50", "resnet152"], image_size=None, batch_size=64, steps=30, rounds=3,
+    "cpu": dict(models=["resnet18"], crop=350, image_size=64, batch_size=16, steps=6, rounds=3, pipeline_images=256, train_images=256),
+    "gpu": dict(models=["resnet18", "resnet50", "resnet152"], crop=None, image_size=None, batch_size=64, steps=30, rounds=3,
                 pipeline_images=4096, train_images=7995),
 }
 
@@ -48,7 +48,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-root", default=os.path.join("data", "bench"),
                         help="450 px dataset in the course layout; made with the demo generator if missing (default: data/bench)")
     parser.add_argument("--models", nargs="+", help="models to measure (default: from the preset)")
-    parser.add_argument("--image-size", type=int, help="network input side; unset keeps the 350 px crop (default: from the preset)")
+    parser.add_argument("--crop", type=int, help="centre crop of the epoch measurements, 0 for the whole 450 px image (default: from the preset)")
+    parser.add_argument("--image-size", type=int, help="network input side; unset keeps the crop's side (default: from the preset)")
     parser.add_argument("--batch-size", type=int, help="images per step (default: from the preset)")
     parser.add_argument("--steps", type=int, help="timed steps per round of the model comparison (default: from the preset)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds of the model comparison (default: from the preset)")
@@ -67,6 +68,10 @@ def bench_data(root: str, images: int, workers: int) -> str:
 
     datatools.make_demo(root, sizes=(images, 64, 0), seed=0, workers=workers)
     return root
+
+
+def input_side(cfg: dict) -> int:
+    return cfg["image_size"] or cfg["crop"] or 450
 
 
 def sync(device: torch.device) -> None:
@@ -99,7 +104,7 @@ def train_step_rate(model, x, y, steps: int, device, dtype) -> float:
 
 
 def model_vs_torchvision(name: str, cfg: dict, device, dtype, channels_last: bool) -> dict:
-    side = cfg["image_size"] or 350
+    side = input_side(cfg)
     torch.manual_seed(0)
     ours, theirs = build_model(name).to(device), getattr(torchvision.models, name)(num_classes=2).to(device)
     theirs.load_state_dict(ours.state_dict())
@@ -180,9 +185,9 @@ def pipeline_vs_report(root: str, cfg: dict, workers: int, device) -> dict:
 # 3. a training epoch
 
 
-def report_epoch(root: str, name: str, batch_size: int, workers: int, device, size: int | None) -> float:
+def report_epoch(root: str, name: str, batch_size: int, workers: int, device, crop: int | None, size: int | None) -> float:
     """The seed report's loop: fp32, NCHW, PIL pipeline, .item() every step. Returns images/s."""
-    extra = [transforms.Resize(size)] if size else []
+    extra = ([transforms.CenterCrop(crop)] if crop else []) + ([transforms.Resize(size)] if size else [])
     torch.backends.cudnn.benchmark = False  # the report's defaults, whatever ran before
     torch.backends.cuda.matmul.allow_tf32 = False
     loader = torch.utils.data.DataLoader(ReportDataset(root, extra), batch_size=batch_size, shuffle=True, num_workers=workers)
@@ -225,10 +230,11 @@ class TimedBatches:
             yield batch
 
 
-def ours_epoch(root: str, name: str, batch_size: int, workers: int, device, size: int | None, cache: str, compile_model: bool = False) -> dict:
+def ours_epoch(root: str, name: str, batch_size: int, workers: int, device, crop: int | None, size: int | None, cache: str,
+               compile_model: bool = False) -> dict:
     """One epoch of train.py's own loop with its default recipe. Returns images/s and the data-wait share."""
     argv = ["--model", name, "--data-root", root, "--batch-size", str(batch_size), "--workers", str(workers), "--cache", cache,
-            "--device", device.type, "--epochs", "1", "--print-freq", "1000000"]
+            "--device", device.type, "--epochs", "1", "--print-freq", "1000000", "--crop", str(crop or 0)]
     argv += ["--image-size", str(size)] if size else []
     argv += ["--compile"] if compile_model else []
     args = train.parse_args(argv)
@@ -273,7 +279,7 @@ def gpu_peak_tflops(device, given: float | None) -> float | None:
 
 
 def model_throughput(name: str, cfg: dict, device, dtype, peak: float | None) -> dict:
-    side = cfg["image_size"] or 350
+    side = input_side(cfg)
     model = build_model(name).to(device).to(memory_format=torch.channels_last).train()
     x = torch.randn(cfg["batch_size"], 3, side, side, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 2, (cfg["batch_size"],), device=device)
@@ -291,7 +297,7 @@ def model_throughput(name: str, cfg: dict, device, dtype, peak: float | None) ->
 def main(args: argparse.Namespace) -> int:
     device = utils.resolve_device(args.device)
     cfg = dict(PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")])
-    for k in ("models", "image_size", "batch_size", "steps", "rounds"):
+    for k in ("models", "crop", "image_size", "batch_size", "steps", "rounds"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
     if args.images:
@@ -317,10 +323,10 @@ def main(args: argparse.Namespace) -> int:
 
     epoch_model = "resnet50" if device.type == "cuda" else cfg["models"][0]
     cache = "gpu" if device.type == "cuda" else "none"
-    ours = ours_epoch(root, epoch_model, cfg["batch_size"], args.workers, device, cfg["image_size"], cache)
-    theirs = report_epoch(root, epoch_model, cfg["batch_size"], args.workers, device, cfg["image_size"])
+    ours = ours_epoch(root, epoch_model, cfg["batch_size"], args.workers, device, cfg["crop"], cfg["image_size"], cache)
+    theirs = report_epoch(root, epoch_model, cfg["batch_size"], args.workers, device, cfg["crop"], cfg["image_size"])
     out["epoch"] = {"model": epoch_model, "ours": ours, "report_images_per_s": theirs, "ratio": ours["images_per_s"] / theirs}
-    print(f"3. one {epoch_model} epoch: train.py {ours['images_per_s']:.0f} img/s (data wait {ours['data_wait_share']:.1%}), "
+    print(f"3. one {epoch_model} epoch at {input_side(cfg)} px: train.py {ours['images_per_s']:.0f} img/s (data wait {ours['data_wait_share']:.1%}), "
           f"report-style loop {theirs:.0f} img/s, ratio {out['epoch']['ratio']:.2f}")
 
     out["model_vs_torchvision_ratio"] = {m: r["ratio"] for m, r in out["model_vs_torchvision"].items()}
@@ -336,10 +342,10 @@ def main(args: argparse.Namespace) -> int:
             share = f", {r['bf16_peak_share']:.1%} of the {peak:.0f} TFLOP/s bf16 peak" if peak else ""
             print(f"4. {m} at {r['image_size']} px: {r['images_per_s']:.0f} img/s{share}")
         if "resnet152" in cfg["models"]:
-            r152 = ours_epoch(root, "resnet152", cfg["batch_size"], args.workers, device, cfg["image_size"], cache)
+            r152 = ours_epoch(root, "resnet152", cfg["batch_size"], args.workers, device, 350, cfg["image_size"], cache)
             minutes = 200 * r152["train_images"] / r152["images_per_s"] / 60
             summary["resnet152_200_epochs_minutes"] = minutes
-            print(f"4. resnet152: one epoch of {r152['train_images']} images at {r152['images_per_s']:.0f} img/s "
+            print(f"4. resnet152 at the default 350 px crop: one epoch of {r152['train_images']} images at {r152['images_per_s']:.0f} img/s "
                   f"(data wait {r152['data_wait_share']:.1%}): 200 epochs in about {minutes:.0f} minutes (training only)")
     out.update(summary)
     print("\n| figure | value |\n|---|---|")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The recipe comparison of EXPERIMENTS.md: ResNet18 at 128 px on the 2,589 real cells of ../shared/cnmc,
 # split by subject, on 2 CPU cores. Each run's last epoch (no selection on held-out subjects) is scored on
-# the valid subjects and the test subjects. Usage: bash experiments/cnmc_cpu.sh [EPOCHS]
+# the valid subjects and the test subjects, with and without flip TTA. Finished runs are skipped.
+# Usage: bash experiments/cnmc_cpu.sh [EPOCHS]   (about 70 minutes for 12 runs of 10 epochs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 epochs=${1:-10}
@@ -11,12 +12,17 @@ out=checkpoints/cnmc
 common="--data-root $data --output-dir $out --image-size 128 --epochs $epochs --workers 2 --cache ram"
 run() {  # name, flags...
     name=$1; shift
-    [ -f $out/$name/last.pt ] && [ "$(python -c "import torch; print(torch.load('$out/$name/last.pt', weights_only=True)['epoch'])")" = "$epochs" ] \
-        || python train.py $common --run-name "$name" "$@" > $out.$name.log 2>&1
+    if [ -f $out/$name/last.pt ]; then  # continue (or just confirm) a run started before
+        python train.py --output-dir $out --run-name "$name" --resume --epochs $epochs
+    else
+        python train.py $common --run-name "$name" "$@"
+    fi >> $out.$name.log 2>&1
     for split in valid test; do
         csv=$([ $split = valid ] && echo $data/valid.csv || echo $data/test_labels.csv)
-        python evaluate.py --checkpoint $out/$name/last.pt --csv $csv --out-dir results/cnmc-$split --workers 2 > /dev/null
-        python evaluate.py --checkpoint $out/$name/last.pt --csv $csv --out-dir results/cnmc-$split-tta --tta --workers 2 > /dev/null
+        for tta in "" "-tta"; do
+            [ -f results/cnmc-$split$tta/$name/metrics.json ] || python evaluate.py --checkpoint $out/$name/last.pt --csv $csv \
+                --out-dir results/cnmc-$split$tta --workers 2 ${tta:+--tta} > /dev/null
+        done
     done
 }
 mkdir -p $out
@@ -30,4 +36,6 @@ run no-balance --class-balance none
 run sampler-balance --class-balance sampler
 run no-ema --ema 0
 run adamw --optimizer adamw --lr 1e-3 --weight-decay 0.05
+run default-seed1 --seed 1
+run default-seed2 --seed 2
 python experiments/summarise.py results/cnmc-valid results/cnmc-valid-tta results/cnmc-test results/cnmc-test-tta
