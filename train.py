@@ -45,6 +45,7 @@ SEED_RECIPE_PER_MODEL = {"resnet18": dict(batch_size=64, epochs=201), "resnet50"
                          "resnet152": dict(batch_size=32, epochs=31)}
 DEMO = dict(model="resnet18", data_root=os.path.join("data", "demo"), run_name="demo", epochs=15, batch_size=32,
             lr=0.05, warmup_epochs=1, image_size=64, cache="ram", ema=0.99)
+RESUME_KEYS = ("optimizer", "scheduler", "scaler", "ema", "ema_updates", "history", "rng", "args", "best_metric", "best_epoch")
 # Flags that may differ when a run is resumed; any other flag given with --resume must match the run.
 RESUMABLE = {"resume", "epochs", "lr", "workers", "device", "compile", "cache", "print_freq", "data_root", "output_dir", "run_name", "amp"}
 
@@ -389,6 +390,10 @@ def merge_resumed_args(args: argparse.Namespace, explicit: set[str]) -> argparse
     if "model" in explicit and args.model != checkpoint["model_name"]:
         raise utils.CheckpointError(f"{path} is a {checkpoint['model_name']} run, not {args.model}: "
                                     f"resume it with --model {checkpoint['model_name']}, or give a new --run-name")
+    missing = [k for k in RESUME_KEYS if k not in checkpoint]
+    if missing:
+        raise utils.CheckpointError(f"{path} lacks {', '.join(missing)}: it can be evaluated, not resumed. "
+                                    "Start a new --run-name (or --resume from a last.pt written by this train.py)")
     conflicts = [k for k in explicit - RESUMABLE - {"demo", "recipe", "model"} if k in saved and saved[k] != getattr(args, k)]
     if conflicts:
         raise utils.CheckpointError(

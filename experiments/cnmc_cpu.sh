@@ -12,7 +12,9 @@ out=checkpoints/cnmc
 common="--data-root $data --output-dir $out --image-size 128 --epochs $epochs --workers 2 --cache ram"
 run() {  # name, flags...
     name=$1; shift
-    if [ -f $out/$name/last.pt ]; then  # continue (or just confirm) a run started before
+    if [ -f $out/$name/history.csv ] && [ $(($(wc -l < $out/$name/history.csv) - 1)) -ge "$epochs" ]; then
+        :  # finished
+    elif [ -f $out/$name/last.pt ]; then  # interrupted: continue it
         python train.py --output-dir $out --run-name "$name" --resume --epochs $epochs
     else
         python train.py $common --run-name "$name" "$@"

@@ -128,6 +128,12 @@ def test_bad_resume_inputs_get_clear_errors(demo_root, tmp_path):
     result = run_train(demo_root, tmp_path, "--run-name", "r18", "--resume", "--optimizer", "adam", check=False)
     assert result.returncode == 1 and "--optimizer sgd" in result.stderr and "cannot change on resume" in result.stderr
 
+    partial = torch.load(tmp_path / "r18" / "last.pt", weights_only=True)
+    del partial["optimizer"]
+    torch.save(partial, tmp_path / "partial.pt")
+    result = run_train(demo_root, tmp_path, "--resume", str(tmp_path / "partial.pt"), check=False)
+    assert result.returncode == 1 and "lacks optimizer: it can be evaluated, not resumed" in result.stderr
+
     torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "bare.pt")
     result = run_train(demo_root, tmp_path, "--resume", str(tmp_path / "bare.pt"), check=False)
     assert result.returncode == 1 and "not a checkpoint written by train.py" in result.stderr
