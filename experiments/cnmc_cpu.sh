@@ -2,7 +2,7 @@
 # The recipe comparison of EXPERIMENTS.md: ResNet18 at 128 px on the 2,589 real cells of ../shared/cnmc,
 # split by subject, on 2 CPU cores. Each run's last epoch (no selection on held-out subjects) is scored on
 # the valid subjects and the test subjects, with and without flip TTA. Finished runs are skipped.
-# Usage: bash experiments/cnmc_cpu.sh [EPOCHS]   (about 70 minutes for 12 runs of 10 epochs)
+# Usage: bash experiments/cnmc_cpu.sh [EPOCHS]   (about 80 minutes for 14 runs of 10 epochs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 epochs=${1:-10}
@@ -40,4 +40,6 @@ run no-ema --ema 0
 run adamw --optimizer adamw --lr 1e-3 --weight-decay 0.05
 run default-seed1 --seed 1
 run default-seed2 --seed 2
+run size-96 --image-size 96
+run step-schedule --scheduler step --lr-step 4
 python experiments/summarise.py results/cnmc-valid results/cnmc-valid-tta results/cnmc-test results/cnmc-test-tta
