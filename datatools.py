@@ -19,6 +19,20 @@ from PIL import Image
 
 from dataloader import CLASSES, IMAGE_EXTENSIONS, TEST_CSVS, DataError, read_csv
 
+def parallel_map(function, items: list, workers: int, chunksize: int) -> list:
+    """Pool.map whose workers end by closing the pool, not by a SIGTERM (a caller may handle that signal)."""
+    pool = Pool(max(1, workers))
+    try:
+        results = pool.map(function, items, chunksize=chunksize)
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+    return results
+
+
 # ----------------------------------------------------------------------------------------------------------
 # --check
 
@@ -64,8 +78,7 @@ def check_dataset(root: str, workers: int = 1) -> int:
             problems.append(f"{name}: {len(duplicates)} paths listed twice, e.g. {duplicates[0]}")
 
     files = sorted({os.path.normpath(os.path.join(root, p)) for paths, _ in splits.values() for p in paths})
-    with Pool(max(1, workers)) as pool:
-        results = pool.map(inspect_image, files, chunksize=64)
+    results = parallel_map(inspect_image, files, workers, chunksize=64)
     sizes = Counter(f"{s[0]}x{s[1]}" for _, s, _, _ in results if s)
     modes = Counter(m for _, _, m, _ in results if m)
     print(f"  {len(files)} image files: sizes {dict(sizes.most_common(5))}, modes {dict(modes)}")
@@ -168,8 +181,7 @@ def make_demo(out: str, sizes: tuple[int, int, int] = (600, 150, 150), seed: int
         labelled[split] = [(f"./new_dataset/{split}/{i}.bmp", label) for i, label in enumerate(labels)]
         for i, label in enumerate(labels):
             jobs.append((os.path.join(out, "new_dataset", split, f"{i}.bmp"), seed * 10_000_019 + split_index * 1_000_003 + i, label, side))
-    with Pool(max(1, workers)) as pool:
-        pool.map(write_cell, jobs, chunksize=8)
+    parallel_map(write_cell, jobs, workers, chunksize=8)
     write_csv(os.path.join(out, "train.csv"), ["Path", "label"], labelled["train"])
     write_csv(os.path.join(out, "valid.csv"), ["Path", "label"], labelled["valid"])
     for name in TEST_CSVS.values():

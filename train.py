@@ -414,8 +414,6 @@ def main(args: argparse.Namespace) -> int:
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
     seed_everything(args.seed, args.deterministic)
-    stop = StopRequest()
-
     if args.demo and is_main and not os.path.isfile(os.path.join(args.data_root, "train.csv")):
         import datatools
 
@@ -423,6 +421,7 @@ def main(args: argparse.Namespace) -> int:
         datatools.make_demo(args.data_root, workers=os.cpu_count() or 1)
     if world_size > 1:
         dist.barrier()
+    stop = StopRequest()
 
     preprocess = Preprocess(crop=args.crop, size=args.image_size)
     scale = (1 - args.scale_jitter, 1 + args.scale_jitter)
