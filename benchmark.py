@@ -241,7 +241,7 @@ def ours_epoch(root: str, name: str, batch_size: int, workers: int, device, crop
     args = train.parse_args(argv)
     args.rank, args.world_size = 0, 1
     train.seed_everything(args.seed, False)
-    preprocess = Preprocess(crop=args.crop, size=args.image_size)
+    preprocess, augment = train.transforms_from_args(args)
     train_batches, _, sampler, labels, _ = train.load_data(args, preprocess, 0, 1, device)
     model = build_model(name).to(device)
     channels_last = device.type == "cuda"
@@ -253,8 +253,6 @@ def ours_epoch(root: str, name: str, batch_size: int, workers: int, device, crop
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ema = train.EMA(model, args.ema)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    augment = Augment(hflip=args.hflip, vflip=args.vflip, rotation=args.rotation, scale=(1 - args.scale_jitter, 1 + args.scale_jitter),
-                      stain=args.color_jitter, brightness=args.color_jitter)
     compiled = torch.compile(model) if compile_model else model
     timed = TimedBatches(train_batches)
     results = {}

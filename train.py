@@ -24,7 +24,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from sklearn.metrics import f1_score
 from tqdm import tqdm
 
@@ -184,6 +183,14 @@ class StopRequest:
 
 # ----------------------------------------------------------------------------------------------------------
 # Data, model, optimizer
+
+
+def transforms_from_args(args: argparse.Namespace) -> tuple[Preprocess, Augment]:
+    """The run's preprocessing and training augmentation, from its flags."""
+    scale = (1 - args.scale_jitter, 1 + args.scale_jitter)
+    augment = Augment(hflip=args.hflip, vflip=args.vflip, rotation=args.rotation, scale=scale,
+                      stain=args.color_jitter, brightness=args.color_jitter)
+    return Preprocess(crop=args.crop, size=args.image_size), augment
 
 
 def load_data(args: argparse.Namespace, preprocess: Preprocess, rank: int, world_size: int, device: torch.device):
@@ -423,10 +430,7 @@ def main(args: argparse.Namespace) -> int:
         dist.barrier()
     stop = StopRequest()
 
-    preprocess = Preprocess(crop=args.crop, size=args.image_size)
-    scale = (1 - args.scale_jitter, 1 + args.scale_jitter)
-    augment = Augment(hflip=args.hflip, vflip=args.vflip, rotation=args.rotation, scale=scale,
-                      stain=args.color_jitter, brightness=args.color_jitter)
+    preprocess, augment = transforms_from_args(args)
     train_batches, valid_batches, train_sampler, train_labels, valid_labels = load_data(args, preprocess, rank, world_size, device)
     train_transform, eval_transform = BatchTransform(preprocess, augment), BatchTransform(preprocess)
 
