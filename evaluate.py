@@ -111,7 +111,7 @@ def plot_worst_errors(paths: list[str], labels: np.ndarray, prob_all: np.ndarray
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, wrong):
-        ax.imshow(decode_image(paths[i], crop, None).permute(1, 2, 0).numpy())
+        ax.imshow(decode_image(paths[i], crop, None).numpy())
         ax.set_title(f"{os.path.basename(paths[i])}\ntrue {CLASSES[labels[i]]}, pred {CLASSES[pred[i]]}\nP(ALL) {prob_all[i]:.3f}", fontsize=9)
     if len(wrong) == 0:
         axes[0, 0].text(0.5, 0.5, "no errors", ha="center", va="center", fontsize=14)

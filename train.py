@@ -309,8 +309,7 @@ def train_one_epoch(model, raw_model, ema, batches, transform, optimizer, schedu
     for step, (_, x, y) in enumerate(batches):
         x = transform(x.to(device, non_blocking=True), generator)
         y = y.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         with utils.autocast(device, dtype):
             logits = model(x)
             loss = criterion(logits.float(), y)

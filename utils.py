@@ -256,8 +256,7 @@ def predict_logits(model: torch.nn.Module, batches, transform: BatchTransform, d
     for batch in batches:
         index, x = batch[0], batch[1].to(device, non_blocking=True)
         x = transform(x)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         views = [x, x.flip(3), x.flip(2), x.flip(2).flip(3)] if tta else [x]
         with autocast(device, dtype):
             logits = sum(model(v).float().softmax(1) for v in views) / len(views) if tta else model(x).float()

@@ -92,11 +92,11 @@ def test_real_cells_decode_crop_and_resize(tmp_path):
     ds = RetinopathyLoader(str(tmp_path), "valid", preprocess=pre, output="uint8")
     assert [ds[i][1] for i in range(6)] == [1, 1, 1, 0, 0, 0]
     img = ds[0][0]
-    assert img.shape == (3, 64, 64) and img.dtype == torch.uint8
+    assert img.shape == (64, 64, 3) and img.dtype == torch.uint8
     original = np.asarray(Image.open(cells[0]))
     expected = np.asarray(Image.fromarray(original[50:400, 50:400]).resize((64, 64), Image.BILINEAR))
-    assert np.array_equal(img.permute(1, 2, 0).numpy(), expected)
-    assert img[:, 0, 0].sum() == 0 and img[:, 32, 32].sum() > 0  # black border, stained centre
+    assert np.array_equal(img.numpy(), expected)
+    assert img[0, 0].sum() == 0 and img[32, 32].sum() > 0  # black border, stained centre
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -108,7 +108,8 @@ def test_any_image_mode_becomes_rgb(tmp_path, mode):
     path = str(tmp_path / "x.png")
     Image.new("RGB", (40, 30), (200, 100, 50)).convert(mode).save(path)
     img = dataloader.decode_image(path, crop=None, size=None)
-    assert img.shape == (3, 30, 40) and img.dtype == torch.uint8
+    assert img.shape == (30, 40, 3) and img.dtype == torch.uint8
+    assert torch.equal(img, torch.from_numpy(np.array(Image.open(path).convert("RGB"))))
 
 
 def test_crop_is_centred_and_clipped_to_the_image(tmp_path):
@@ -116,16 +117,17 @@ def test_crop_is_centred_and_clipped_to_the_image(tmp_path):
     a[20:40, 30:50] = 255
     path = str(tmp_path / "x.bmp")
     Image.fromarray(a).save(path)
-    assert torch.equal(dataloader.decode_image(path, crop=20, size=None), torch.full((3, 20, 20), 255, dtype=torch.uint8))
-    assert dataloader.decode_image(path, crop=350, size=None).shape == (3, 60, 80)
+    assert torch.equal(dataloader.decode_image(path, crop=20, size=None), torch.full((20, 20, 3), 255, dtype=torch.uint8))
+    assert dataloader.decode_image(path, crop=350, size=None).shape == (60, 80, 3)
 
 
 def test_eval_transform_is_plain_normalisation():
-    x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    x = torch.randint(0, 256, (2, 3, 8, 9), dtype=torch.uint8)
     pre = Preprocess(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
-    out = BatchTransform(pre)(x)
-    mean, std = torch.tensor(pre.mean).view(1, 3, 1, 1), torch.tensor(pre.std).view(1, 3, 1, 1)
-    torch.testing.assert_close(out, (x.float() / 255 - mean) / std)
+    out = BatchTransform(pre)(x.permute(0, 2, 3, 1))
+    expected = TF.normalize(TF.to_dtype(x, torch.float32, scale=True), pre.mean, pre.std)
+    assert out.shape == (2, 3, 8, 9)
+    torch.testing.assert_close(out, expected)
 
 
 @pytest.mark.parametrize("side", [40, 41])
@@ -135,23 +137,23 @@ def test_affine_matches_torchvision_nearest_rotation(side, degrees):
     a = math.radians(degrees)
     theta = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]).expand(2, 2, 2)
     expected = TF.rotate(x, degrees, interpolation=InterpolationMode.NEAREST)
-    assert torch.equal(dataloader.affine_nearest(x, theta), expected)
+    assert torch.equal(dataloader.affine_nearest(x.float(), theta), expected.float())
 
 
 def test_affine_flips_and_identity_are_exact():
-    x = torch.randint(0, 256, (1, 3, 9, 12), dtype=torch.uint8)
+    x = torch.rand(1, 3, 9, 12)
     for sx, sy, expected in ((1, 1, x), (-1, 1, x.flip(3)), (1, -1, x.flip(2)), (-1, -1, x.flip(2).flip(3))):
         theta = torch.tensor([[[sx, 0.0], [0.0, sy]]])
         assert torch.equal(dataloader.affine_nearest(x, theta), expected)
 
 
 def test_flip_augmentation_gives_one_of_the_four_flips():
-    x = torch.randint(0, 256, (8, 3, 9, 9), dtype=torch.uint8)
+    x = torch.randint(0, 256, (8, 9, 9, 3), dtype=torch.uint8)
     pre = Preprocess(mean=(0, 0, 0), std=(1, 1, 1))
     flips = Augment(hflip=True, vflip=True, rotation=0, scale=(1, 1), stain=0, brightness=0)
     out = BatchTransform(pre, flips)(x, torch.Generator().manual_seed(0))
     seen = set()
-    for o, i in zip(out, x.float() / 255):
+    for o, i in zip(out, x.permute(0, 3, 1, 2).float() / 255):
         matches = [k for k, c in enumerate((i, i.flip(2), i.flip(1), i.flip(1).flip(2))) if torch.allclose(o, c)]
         assert matches
         seen.add(matches[0])
@@ -159,7 +161,7 @@ def test_flip_augmentation_gives_one_of_the_four_flips():
 
 
 def test_augmentation_is_reproducible_from_a_generator():
-    x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    x = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8)
     t = BatchTransform(Preprocess(), Augment())
     a = t(x, torch.Generator().manual_seed(3))
     b = t(x, torch.Generator().manual_seed(3))
