@@ -10,17 +10,20 @@ Every figure is a ratio where above 1 means this project is faster, measured in 
                         rotation 15, ToTensor, Normalize), same files and workers, up to an augmented,
                         normalised float batch on the training device
   epoch_vs_report       one training epoch of train.py against a report-style loop (fp32, NCHW, PIL, .item())
-On CUDA also: images/s and the share of the GPU's bf16 peak per model, the share of step time spent
-waiting for data, and the estimated time of 200 ResNet152 epochs on the course data.
+On CUDA also: images/s and the share of the GPU's bf16 peak per model; the share of step time spent
+waiting for data and the host syncs per step, in an epoch with workers decoding (train.py's default) and one
+with --cache gpu; and the estimated time of 200 ResNet152 epochs on the course data.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
 import time
+import warnings
 
 import torch
 import torchvision
@@ -186,27 +189,37 @@ def pipeline_vs_report(root: str, cfg: dict, workers: int, device) -> dict:
 # 3. a training epoch
 
 
+@contextlib.contextmanager
+def pytorch_defaults():
+    """cuDNN autotuning and TF32 matmuls off, as the report ran; the settings before are put back after."""
+    before = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = False, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def report_epoch(root: str, name: str, batch_size: int, workers: int, device, crop: int | None, size: int | None) -> float:
     """The seed report's loop: fp32, NCHW, PIL pipeline, .item() every step. Returns images/s."""
     extra = ([transforms.CenterCrop(crop)] if crop else []) + ([transforms.Resize(size)] if size else [])
-    torch.backends.cudnn.benchmark = False  # the report's defaults, whatever ran before
-    torch.backends.cuda.matmul.allow_tf32 = False
     loader = torch.utils.data.DataLoader(ReportDataset(root, extra), batch_size=batch_size, shuffle=True, num_workers=workers)
     model = build_model(name).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
     criterion = torch.nn.CrossEntropyLoss()
     seen, running_loss, correct, start = 0, 0.0, 0, time.perf_counter()
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        outputs = model(x)
-        loss = criterion(outputs, y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        running_loss += loss.item()
-        correct += (outputs.argmax(1) == y).sum().item()
-        seen += len(x)
-    sync(device)
+    with pytorch_defaults():
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            outputs = model(x)
+            loss = criterion(outputs, y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            running_loss += loss.item()
+            correct += (outputs.argmax(1) == y).sum().item()
+            seen += len(x)
+        sync(device)
     return seen / (time.perf_counter() - start)
 
 
@@ -259,11 +272,31 @@ def ours_epoch(root: str, name: str, batch_size: int, workers: int, device, crop
     for epoch in range(2 if device.type == "cuda" else 1):  # on CUDA the first epoch warms up cudnn and the cache
         sampler.set_epoch(epoch)
         timed.wait = 0.0
-        stats = train.train_one_epoch(compiled, model, ema, timed, BatchTransform(preprocess, augment), optimizer, scheduler, scaler,
-                                      criterion, epoch, args, device, dtype, channels_last, train.StopRequest(), False)
+        with host_syncs(device) as syncs:
+            stats = train.train_one_epoch(compiled, model, ema, timed, BatchTransform(preprocess, augment), optimizer, scheduler,
+                                          scaler, criterion, epoch, args, device, dtype, channels_last, train.StopRequest(), False)
         results = {"images_per_s": stats["images_per_s"], "seconds": stats["seconds"], "data_wait_share": timed.wait / stats["seconds"],
-                   "train_images": len(labels)}
+                   "train_images": len(labels), "steps": len(timed), "cache": cache}
+        if device.type == "cuda":
+            results["host_syncs"] = len(syncs)
     return results
+
+
+@contextlib.contextmanager
+def host_syncs(device):
+    """The times the host waits for the GPU inside the block, as CUDA's sync debug mode reports them."""
+    found: list[str] = []
+    if device.type != "cuda":
+        yield found
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield found
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            found.extend(str(w.message) for w in caught if "synchroniz" in str(w.message))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -291,6 +324,10 @@ def model_throughput(name: str, cfg: dict, device, dtype, peak: float | None) ->
 
 
 # ----------------------------------------------------------------------------------------------------------
+
+
+def host_sync_note(epoch: dict) -> str:
+    return f", {epoch['host_syncs']} host syncs in {epoch['steps']} steps" if "host_syncs" in epoch else ""
 
 
 def main(args: argparse.Namespace) -> int:
@@ -321,12 +358,16 @@ def main(args: argparse.Namespace) -> int:
           f"(ratio {p['host_ratio']:.2f})")
 
     epoch_model = "resnet50" if device.type == "cuda" else cfg["models"][0]
-    cache = "gpu" if device.type == "cuda" else "none"
-    ours = ours_epoch(root, epoch_model, cfg["batch_size"], args.workers, device, cfg["crop"], cfg["image_size"], cache)
+    ours = ours_epoch(root, epoch_model, cfg["batch_size"], args.workers, device, cfg["crop"], cfg["image_size"], "none")
     theirs = report_epoch(root, epoch_model, cfg["batch_size"], args.workers, device, cfg["crop"], cfg["image_size"])
     out["epoch"] = {"model": epoch_model, "ours": ours, "report_images_per_s": theirs, "ratio": ours["images_per_s"] / theirs}
-    print(f"3. one {epoch_model} epoch at {input_side(cfg)} px: train.py {ours['images_per_s']:.0f} img/s (data wait {ours['data_wait_share']:.1%}), "
-          f"report-style loop {theirs:.0f} img/s, ratio {out['epoch']['ratio']:.2f}")
+    print(f"3. one {epoch_model} epoch at {input_side(cfg)} px: train.py {ours['images_per_s']:.0f} img/s (data wait "
+          f"{ours['data_wait_share']:.1%}{host_sync_note(ours)}), report-style loop {theirs:.0f} img/s, ratio {out['epoch']['ratio']:.2f}")
+    if device.type == "cuda":
+        cached = out["epoch"]["ours_cache_gpu"] = ours_epoch(root, epoch_model, cfg["batch_size"], args.workers, device, cfg["crop"],
+                                                             cfg["image_size"], "gpu")
+        print(f"3. the same with --cache gpu: {cached['images_per_s']:.0f} img/s (data wait {cached['data_wait_share']:.1%}"
+              f"{host_sync_note(cached)}), ratio {cached['images_per_s'] / theirs:.2f}")
 
     summary = {"model_vs_torchvision": min(r["ratio"] for r in out["model_comparison"].values()), "pipeline_vs_report": p["ratio"],
                "epoch_vs_report": out["epoch"]["ratio"]}
@@ -336,11 +377,12 @@ def main(args: argparse.Namespace) -> int:
         summary["images_per_s"] = {m: r["images_per_s"] for m, r in out["throughput"].items()}
         summary["bf16_peak_share"] = {m: r.get("bf16_peak_share") for m, r in out["throughput"].items()}
         summary["data_wait_share"] = ours["data_wait_share"]
+        summary["host_syncs_per_step"] = ours["host_syncs"] / ours["steps"]
         for m, r in out["throughput"].items():
             share = f", {r['bf16_peak_share']:.1%} of the {peak:.0f} TFLOP/s bf16 peak" if peak else ""
             print(f"4. {m} at {r['image_size']} px: {r['images_per_s']:.0f} img/s{share}")
         if "resnet152" in cfg["models"]:
-            r152 = ours_epoch(root, "resnet152", cfg["batch_size"], args.workers, device, 350, cfg["image_size"], cache)
+            r152 = ours_epoch(root, "resnet152", cfg["batch_size"], args.workers, device, 350, cfg["image_size"], "gpu")
             minutes = 200 * r152["train_images"] / r152["images_per_s"] / 60
             summary["resnet152_200_epochs_minutes"] = minutes
             print(f"4. resnet152 at the default 350 px crop: one epoch of {r152['train_images']} images at {r152['images_per_s']:.0f} img/s "

@@ -229,19 +229,22 @@ class BatchTransform:
         def sign(enabled: bool) -> torch.Tensor:
             return torch.where(uniform(0, 1) < 0.5, -1.0, 1.0) if enabled else torch.ones(n)
 
-        theta = None
+        grid = None
         if a.hflip or a.vflip or a.rotation or a.scale != (1.0, 1.0):
             angle = uniform(-a.rotation, a.rotation).mul_(math.pi / 180)
             zoom = 1 / uniform(*a.scale)
             sx, sy = sign(a.hflip) * zoom, sign(a.vflip) * zoom
             cos, sin = torch.cos(angle), torch.sin(angle)
-            theta = torch.stack([cos * sx, -sin * sy, sin * sx, cos * sy], 1).view(n, 2, 2).to(x.device)
+            grid = grid_matrix(torch.stack([cos * sx, -sin * sy, sin * sx, cos * sy], 1).view(n, 2, 2), h, w)
         gain = uniform(1 - a.stain, 1 + a.stain, 3) * uniform(1 - a.brightness, 1 + a.brightness, 1)
         std = torch.tensor(self.preprocess.std)
+        scale, bias = gain / (255 * std), (-torch.tensor(self.preprocess.mean) / std).view(1, c, 1, 1)
+        if grid is not None:
+            grid = to_device(grid, x.device)
+        scale, bias = to_device(scale, x.device), to_device(bias, x.device)
         # A row of pixels is w * c numbers: per-channel factors repeated along it let the multiply run over
         # long contiguous rows instead of triples (several times faster on a CPU).
-        scale_rows = (gain / (255 * std)).repeat(1, w).view(n, 1, w * c).to(x.device)
-        bias = (-torch.tensor(self.preprocess.mean) / std).view(1, c, 1, 1).to(x.device)
+        scale_rows = scale.repeat(1, w).view(n, 1, w * c)
         out = torch.empty((n, c, h, w), dtype=torch.float32, device=x.device)
         # A GPU takes the batch at once; a CPU goes image by image, so that each image's floats and sampling
         # grid stay in its cache (about twice as fast as whole batches).
@@ -250,10 +253,17 @@ class BatchTransform:
             part = torch.empty(x[s : s + step].shape, dtype=torch.float32, device=x.device).copy_(x[s : s + step])
             part.view(-1, h, w * c).mul_(scale_rows[s : s + step])
             part = part.permute(0, 3, 1, 2)
-            if theta is not None:
-                part = affine_nearest(part, theta[s : s + step])
+            if grid is not None:
+                part = sample_nearest(part, grid[s : s + step])
             torch.add(part, bias, out=out[s : s + step])
         return out
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor on device without making the host wait for the GPU (pinned, non-blocking copy)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 @functools.lru_cache(maxsize=8)
@@ -266,18 +276,24 @@ def pixel_grid(h: int, w: int, device: torch.device) -> torch.Tensor:
     return base.view(1, h * w, 3)
 
 
-def affine_nearest(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Resample float images (N, C, H, W) through 2x2 matrices theta (N, 2, 2) about the image centre.
+def grid_matrix(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(N, 3, 2): what turns pixel_grid into grid_sample's grid, for 2x2 matrices theta (N, 2, 2) that map
+    an output pixel's offset from the image centre to the input's (torchvision's affine matrix, untranslated).
 
-    theta maps output to input coordinates in [-1, 1], as F.affine_grid with align_corners=False does.
-    The sampling grid is built as torchvision's affine and rotate build theirs, so each output pixel takes
-    the same source pixel (tested; where TF32 matmuls are allowed, as train.py allows them on a GPU, the grid
-    carries TF32's rounding: a rotation off by a few hundredths of a degree). Outside the image is 0.
+    The arithmetic is torchvision's (affine, rotate), so each output pixel takes the same source pixel.
+    """
+    m = torch.zeros(len(theta), 3, 2, device=theta.device)
+    m[:, :2] = theta.transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h], device=theta.device)
+    return m
+
+
+def sample_nearest(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Float images (N, C, H, W) resampled through grid matrices m (N, 3, 2) from grid_matrix, nearest pixel.
+
+    Where TF32 matmuls are allowed (train.py allows them on a GPU) the grid carries TF32's rounding: a
+    rotation off by a few hundredths of a degree. Whatever comes from outside the image is 0.
     """
     n, _, h, w = x.shape
-    pixels = theta * torch.tensor([[1, w / h], [h / w, 1]], device=x.device)  # theta in pixel units
-    m = torch.zeros(n, 3, 2, device=x.device)
-    m[:, :2] = pixels.transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h], device=x.device)
     grid = torch.bmm(pixel_grid(h, w, x.device).expand(n, -1, -1), m).view(n, h, w, 2)
     return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 

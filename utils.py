@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dataloader import BatchTransform, Preprocess
+from dataloader import BatchTransform, Preprocess, to_device
 from resnet import MODELS, ResNet, build_model
 
 CHECKPOINT_KEYS = ("model", "model_name", "num_classes", "preprocess", "epoch")
@@ -215,20 +215,20 @@ def make_loader(dataset: Dataset, sampler: EpochBatchSampler, workers: int, pin_
 
 
 class CachedBatches:
-    """Every decoded uint8 image of a dataset held in one tensor (RAM, pinned, or on the GPU).
+    """Every decoded uint8 image of a dataset held in one tensor, in RAM or on the GPU.
 
-    Built once by a pass of a multi-worker loader; after that an epoch decodes nothing.
+    Built once by a pass of a multi-worker loader; after that an epoch decodes nothing. Batches taken from RAM
+    for a GPU are pinned, so that they cross without making the host wait.
     """
 
     def __init__(self, dataset: Dataset, sampler: EpochBatchSampler, workers: int, device: torch.device, pin_memory: bool):
-        self.sampler = sampler
+        self.sampler, self.pin = sampler, pin_memory and device.type == "cpu"
         reader = DataLoader(IndexedDataset(dataset), batch_size=64, num_workers=workers, worker_init_fn=ignore_ctrl_c)
         images, labels = None, torch.zeros(len(dataset), dtype=torch.long)
         for batch in reader:
             index, x = batch[0], batch[1]
             if images is None:
-                images = torch.empty((len(dataset), *x.shape[1:]), dtype=torch.uint8, device=device,
-                                     pin_memory=pin_memory and device.type == "cpu")
+                images = torch.empty((len(dataset), *x.shape[1:]), dtype=torch.uint8, device=device)
             images[index.to(images.device)] = x.to(images.device)
             if len(batch) > 2:
                 labels[index] = batch[2]
@@ -239,8 +239,10 @@ class CachedBatches:
 
     def __iter__(self):
         for batch in self.sampler:
-            index = torch.tensor(batch, device=self.images.device)
-            yield torch.tensor(batch), self.images[index], self.labels[index]
+            index = torch.tensor(batch)
+            on_device = to_device(index, self.images.device)
+            x = self.images[on_device]
+            yield index, x.pin_memory() if self.pin else x, self.labels[on_device]
 
 
 # ----------------------------------------------------------------------------------------------------------
