@@ -38,8 +38,8 @@ from resnet import build_model
 # Dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s.
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "RTX 4090": 165.0, "V100": 125.0}
 PRESETS = {
-    "cpu": dict(models=["resnet18"], crop=350, image_size=64, batch_size=16, steps=6, rounds=3, pipeline_images=256, train_images=256),
-    "gpu": dict(models=["resnet18", "resnet50", "resnet152"], crop=None, image_size=None, batch_size=64, steps=30, rounds=3,
+    "cpu": dict(models=["resnet18"], crop=350, image_size=64, batch_size=16, steps=40, pipeline_images=256, train_images=256),
+    "gpu": dict(models=["resnet18", "resnet50", "resnet152"], crop=None, image_size=None, batch_size=64, steps=60,
                 pipeline_images=4096, train_images=7995),
 }
 
@@ -54,12 +54,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--crop", type=int, help="centre crop of the epoch measurements, 0 for the whole 450 px image (default: from the preset)")
     parser.add_argument("--image-size", type=int, help="network input side; unset keeps the crop's side (default: from the preset)")
     parser.add_argument("--batch-size", type=int, help="images per step (default: from the preset)")
-    parser.add_argument("--steps", type=int, help="timed steps per round of the model comparison (default: from the preset)")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds of the model comparison (default: from the preset)")
+    parser.add_argument("--steps", type=int, help="timed train steps per model, models taking turns (default: from the preset)")
     parser.add_argument("--images", type=int, help="images for the pipeline and epoch measurements (default: from the preset)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="data-loading processes for both pipelines (default: all cores)")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if not in the built-in table")
-    parser.add_argument("--json", help="write the figures to this JSON file")
+    parser.add_argument("--skip-compile", action="store_true", help="CUDA: leave out the torch.compile epoch (a minute or two)")
+    parser.add_argument("--json", help="write the figures to this JSON file, after each part")
     return parser
 
 
@@ -86,24 +86,26 @@ def sync(device: torch.device) -> None:
 # 1. resnet.py against torchvision
 
 
-def train_step_rate(model, x, y, steps: int, device, dtype) -> float:
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+def train_step_seconds(models: dict[str, torch.nn.Module], x, y, steps: int, device, dtype) -> dict[str, list[float]]:
+    """Seconds of each of `steps` train steps per model, after a warm-up step. The models take turns step by step,
+    first one then the other going first, so whatever else the machine does meanwhile slows them alike."""
     criterion = torch.nn.CrossEntropyLoss()
-
-    def step():
-        with utils.autocast(device, dtype):
-            loss = criterion(model(x).float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    step()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    return steps * len(x) / (time.perf_counter() - start)
+    optimizers = {k: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for k, m in models.items()}
+    seconds: dict[str, list[float]] = {k: [] for k in models}
+    for i in range(steps + 1):
+        for k in list(models) if i % 2 == 0 else list(models)[::-1]:
+            model = models[k]
+            sync(device)
+            start = time.perf_counter()
+            with utils.autocast(device, dtype):
+                loss = criterion(model(x).float(), y)
+            optimizers[k].zero_grad(set_to_none=True)
+            loss.backward()
+            optimizers[k].step()
+            sync(device)
+            if i > 0:
+                seconds[k].append(time.perf_counter() - start)
+    return seconds
 
 
 def model_vs_torchvision(name: str, cfg: dict, device, dtype, channels_last: bool) -> dict:
@@ -112,16 +114,12 @@ def model_vs_torchvision(name: str, cfg: dict, device, dtype, channels_last: boo
     ours, theirs = build_model(name).to(device), getattr(torchvision.models, name)(num_classes=2).to(device)
     theirs.load_state_dict(ours.state_dict())
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    ours, theirs = ours.to(memory_format=fmt).train(), theirs.to(memory_format=fmt).train()
+    models = {"ours": ours.to(memory_format=fmt).train(), "torchvision": theirs.to(memory_format=fmt).train()}
     x = torch.randn(cfg["batch_size"], 3, side, side, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 2, (cfg["batch_size"],), device=device)
-    rates = {"ours": [], "torchvision": []}
-    for _ in range(cfg["rounds"]):
-        rates["ours"].append(train_step_rate(ours, x, y, cfg["steps"], device, dtype))
-        rates["torchvision"].append(train_step_rate(theirs, x, y, cfg["steps"], device, dtype))
-    ratios = [a / b for a, b in zip(rates["ours"], rates["torchvision"])]
-    return {"ours_images_per_s": statistics.median(rates["ours"]), "torchvision_images_per_s": statistics.median(rates["torchvision"]),
-            "ratio": statistics.median(ratios), "image_size": side, "batch_size": cfg["batch_size"]}
+    rates = {k: len(x) / statistics.median(s) for k, s in train_step_seconds(models, x, y, cfg["steps"], device, dtype).items()}
+    return {"ours_images_per_s": rates["ours"], "torchvision_images_per_s": rates["torchvision"],
+            "ratio": rates["ours"] / rates["torchvision"], "image_size": side, "batch_size": cfg["batch_size"], "steps": cfg["steps"]}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -315,7 +313,7 @@ def model_throughput(name: str, cfg: dict, device, dtype, peak: float | None) ->
     model = build_model(name).to(device).to(memory_format=torch.channels_last).train()
     x = torch.randn(cfg["batch_size"], 3, side, side, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 2, (cfg["batch_size"],), device=device)
-    rate = train_step_rate(model, x, y, cfg["steps"], device, dtype)
+    rate = len(x) / statistics.median(train_step_seconds({name: model}, x, y, cfg["steps"], device, dtype)[name])
     train_flops = 3 * model.flops_per_image(side)  # forward + backward (twice the forward)
     result = {"images_per_s": rate, "image_size": side, "train_gflops_per_image": train_flops / 1e9}
     if peak:
@@ -333,7 +331,7 @@ def host_sync_note(epoch: dict) -> str:
 def main(args: argparse.Namespace) -> int:
     device = utils.resolve_device(args.device)
     cfg = dict(PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")])
-    for k in ("models", "crop", "image_size", "batch_size", "steps", "rounds"):
+    for k in ("models", "crop", "image_size", "batch_size", "steps"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
     if args.images:
@@ -350,12 +348,14 @@ def main(args: argparse.Namespace) -> int:
     for m, r in out["model_comparison"].items():
         print(f"1. {m} train step at {r['image_size']} px: ours {r['ours_images_per_s']:.1f} img/s, "
               f"torchvision {r['torchvision_images_per_s']:.1f} img/s, ratio {r['ratio']:.3f}")
+    save(out, args.json)
 
     p = out["pipeline"] = pipeline_vs_report(root, cfg, args.workers, device)
     print(f"2. input pipeline, {p['workers']} workers, to a float batch on {device.type}: report {p['report_images_per_s']:.0f} img/s; "
           f"ours {p['ours_images_per_s']:.0f} (350 px crop, ratio {p['ratio']:.2f}), {p['ours_full_450_images_per_s']:.0f} "
           f"(full 450 px, ratio {p['ratio_full_450']:.2f}); ours' CPU share alone (decode + crop, uint8) {p['ours_host_only_images_per_s']:.0f} "
           f"(ratio {p['host_ratio']:.2f})")
+    save(out, args.json)
 
     epoch_model = "resnet50" if device.type == "cuda" else cfg["models"][0]
     ours = ours_epoch(root, epoch_model, cfg["batch_size"], args.workers, device, cfg["crop"], cfg["image_size"], "none")
@@ -371,31 +371,53 @@ def main(args: argparse.Namespace) -> int:
 
     summary = {"model_vs_torchvision": min(r["ratio"] for r in out["model_comparison"].values()), "pipeline_vs_report": p["ratio"],
                "epoch_vs_report": out["epoch"]["ratio"]}
-    if device.type == "cuda":
-        peak = gpu_peak_tflops(device, args.peak_tflops)
-        out["throughput"] = {m: model_throughput(m, cfg, device, dtype, peak) for m in cfg["models"]}
-        summary["images_per_s"] = {m: r["images_per_s"] for m, r in out["throughput"].items()}
-        summary["bf16_peak_share"] = {m: r.get("bf16_peak_share") for m, r in out["throughput"].items()}
-        summary["data_wait_share"] = ours["data_wait_share"]
-        summary["host_syncs_per_step"] = ours["host_syncs"] / ours["steps"]
-        for m, r in out["throughput"].items():
-            share = f", {r['bf16_peak_share']:.1%} of the {peak:.0f} TFLOP/s bf16 peak" if peak else ""
-            print(f"4. {m} at {r['image_size']} px: {r['images_per_s']:.0f} img/s{share}")
-        if "resnet152" in cfg["models"]:
-            r152 = ours_epoch(root, "resnet152", cfg["batch_size"], args.workers, device, 350, cfg["image_size"], "gpu")
-            minutes = 200 * r152["train_images"] / r152["images_per_s"] / 60
-            summary["resnet152_200_epochs_minutes"] = minutes
-            print(f"4. resnet152 at the default 350 px crop: one epoch of {r152['train_images']} images at {r152['images_per_s']:.0f} img/s "
-                  f"(data wait {r152['data_wait_share']:.1%}): 200 epochs in about {minutes:.0f} minutes (training only)")
     out.update(summary)
+    save(out, args.json)
+    if device.type == "cuda":
+        summary.update(cuda_figures(out, root, cfg, args, device, dtype))
+        out.update(summary)
     print("\n| figure | value |\n|---|---|")
     for k, v in summary.items():
         print(f"| {k} | {json.dumps(v, default=lambda x: round(x, 3)) if isinstance(v, dict) else f'{v:.3f}'} |")
+    save(out, args.json)
     if args.json:
-        utils.atomic_write(args.json, lambda f: f.write(json.dumps(out, indent=2).encode()))
         print(f"wrote {args.json}")
     return 0
 
+
+def cuda_figures(out: dict, root: str, cfg: dict, args: argparse.Namespace, device, dtype) -> dict:
+    """Part 4: each model against the card's peak, ResNet152's 200 epochs, torch.compile; saved as they come."""
+    peak = gpu_peak_tflops(device, args.peak_tflops)
+    ours = out["epoch"]["ours"]
+    summary = {"data_wait_share": ours["data_wait_share"], "host_syncs_per_step": ours["host_syncs"] / ours["steps"]}
+    out["throughput"] = {m: model_throughput(m, cfg, device, dtype, peak) for m in cfg["models"]}
+    summary["images_per_s"] = {m: r["images_per_s"] for m, r in out["throughput"].items()}
+    summary["bf16_peak_share"] = {m: r.get("bf16_peak_share") for m, r in out["throughput"].items()}
+    for m, r in out["throughput"].items():
+        share = f", {r['bf16_peak_share']:.1%} of the {peak:.0f} TFLOP/s bf16 peak" if peak else ""
+        print(f"4. {m} at {r['image_size']} px: {r['images_per_s']:.0f} img/s{share}")
+    save({**out, **summary}, args.json)
+    if "resnet152" in cfg["models"]:
+        r152 = out["resnet152_epoch"] = ours_epoch(root, "resnet152", cfg["batch_size"], args.workers, device, 350, cfg["image_size"], "gpu")
+        summary["resnet152_200_epochs_minutes"] = 200 * r152["train_images"] / r152["images_per_s"] / 60
+        print(f"4. resnet152 at the default 350 px crop: one epoch of {r152['train_images']} images at {r152['images_per_s']:.0f} img/s "
+              f"(data wait {r152['data_wait_share']:.1%}): 200 epochs in about {summary['resnet152_200_epochs_minutes']:.0f} minutes "
+              "(training only)")
+        save({**out, **summary}, args.json)
+    if not args.skip_compile:
+        name, cached = out["epoch"]["model"], out["epoch"]["ours_cache_gpu"]
+        compiled = out["epoch"]["ours_compiled"] = ours_epoch(root, name, cfg["batch_size"], args.workers, device, cfg["crop"],
+                                                              cfg["image_size"], "gpu", compile_model=True)
+        summary["compile_speedup"] = compiled["images_per_s"] / cached["images_per_s"]
+        print(f"4. {name} with --compile (and --cache gpu): {compiled['images_per_s']:.0f} img/s after its first epoch, "
+              f"{summary['compile_speedup']:.2f}x the same without")
+    return summary
+
+
+def save(out: dict, path: str | None) -> None:
+    """Write the figures so far: a run cut short still leaves what it measured."""
+    if path:
+        utils.atomic_write(path, lambda f: f.write(json.dumps(out, indent=2).encode()))
 
 if __name__ == "__main__":
     sys.exit(main(get_args_parser().parse_args()))

@@ -144,11 +144,13 @@ class ResNet(nn.Module):
                 flops += 2 * module.in_features * output.numel()
 
         hooks = [m.register_forward_hook(count) for m in self.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        was_training = self.training
         try:
             device = next(self.parameters()).device
             with torch.no_grad():
-                self(torch.zeros(1, 3, image_size, image_size, device=device))
+                self.eval()(torch.zeros(1, 3, image_size, image_size, device=device))  # eval: BatchNorm statistics untouched
         finally:
+            self.train(was_training)
             for h in hooks:
                 h.remove()
         return flops

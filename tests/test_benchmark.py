@@ -10,7 +10,7 @@ from conftest import ROOT
 def test_benchmark_writes_its_figures(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, os.path.join(ROOT, "benchmark.py"), "--device", "cpu", "--data-root", str(tmp_path / "data"),
-           "--image-size", "32", "--batch-size", "4", "--steps", "1", "--rounds", "1", "--images", "24", "--workers", "1",
+           "--image-size", "32", "--batch-size", "4", "--steps", "1", "--images", "24", "--workers", "1",
            "--json", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -19,3 +19,29 @@ def test_benchmark_writes_its_figures(tmp_path):
         assert figures[key] > 0
     assert figures["device"].startswith("cpu") and "command" in figures and "date" in figures
     assert "| pipeline_vs_report |" in result.stdout
+
+
+def test_cuda_section_runs_and_its_figures_add_up(demo_root, tmp_path):
+    """The part that runs only on CUDA, driven on the CPU (compile left out) so that a GPU session's one run cannot fail on it."""
+    import argparse
+
+    import torch
+
+    import benchmark
+
+    out = {"epoch": {"model": "resnet18", "ours": {"data_wait_share": 0.02, "host_syncs": 3, "steps": 12},
+                     "ours_cache_gpu": {"images_per_s": 10.0}}}
+    cfg = dict(models=["resnet18", "resnet152"], crop=None, image_size=32, batch_size=4, steps=1)
+    args = argparse.Namespace(peak_tflops=0.5, skip_compile=True, workers=0, json=str(tmp_path / "gpu.json"))
+    summary = benchmark.cuda_figures(out, demo_root, cfg, args, torch.device("cpu"), None)
+
+    assert summary["host_syncs_per_step"] == 3 / 12 and summary["data_wait_share"] == 0.02
+    for name in cfg["models"]:
+        r = out["throughput"][name]
+        flops = 3 * benchmark.build_model(name).flops_per_image(32)
+        assert r["images_per_s"] > 0 and abs(r["bf16_peak_share"] - flops * r["images_per_s"] / 0.5e12) < 1e-12
+    r152 = out["resnet152_epoch"]
+    assert r152["train_images"] == 48 and r152["cache"] == "gpu"
+    assert abs(summary["resnet152_200_epochs_minutes"] - 200 * 48 / r152["images_per_s"] / 60) < 1e-9
+    saved = json.loads((tmp_path / "gpu.json").read_text())
+    assert saved["resnet152_200_epochs_minutes"] == summary["resnet152_200_epochs_minutes"]

@@ -64,3 +64,11 @@ def test_flops_match_published_figure():
     # The paper's 1.8 GFLOPs (multiply-adds) for ResNet18 at 224 px.
     gmacs = resnet.resnet18(num_classes=1000).flops_per_image(224) / 2e9
     assert 1.75 < gmacs < 1.85
+
+
+def test_counting_flops_leaves_a_training_model_as_it_was():
+    model = resnet.resnet18().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert model.flops_per_image(32) > 0  # 1x1 at the last stage: a batch of one in training mode would fail
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
