@@ -244,15 +244,25 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert all(x >= y for x, y in zip(f[10:], f[11:]))
 
 
-def test_ema_tracks_weights():
+def test_ema_tracks_weights_and_batchnorm_statistics():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     ema = train.EMA(model, decay=0.5)
     with torch.no_grad():
         model[0].weight.add_(1.0)
-    start = ema.module[0].weight.clone()
-    ema.update(model)
+        model(torch.randn(8, 2))  # training mode: BatchNorm's running statistics and batch count move
+    start, start_mean = ema.module[0].weight.clone(), ema.module[1].running_mean.clone()
+    ema.update()
     d = min(0.5, 2 / 11)
     torch.testing.assert_close(ema.module[0].weight, d * start + (1 - d) * model[0].weight)
+    torch.testing.assert_close(ema.module[1].running_mean, d * start_mean + (1 - d) * model[1].running_mean)
+    assert ema.module[1].num_batches_tracked == model[1].num_batches_tracked == 1
+
+    other = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    model.load_state_dict(other.state_dict())  # as a resumed run does: in place, so the EMA still follows
+    start = ema.module[0].weight.clone()
+    ema.update()
+    d = min(0.5, 3 / 12)
+    torch.testing.assert_close(ema.module[0].weight, d * start + (1 - d) * other[0].weight)
 
 
 def test_mixed_precision_choice():
