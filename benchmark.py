@@ -1,18 +1,18 @@
 """How fast this project trains, measured against references in the same run.
 
-    python benchmark.py                                   CPU: small settings, under 3 minutes
+    python benchmark.py                                   CPU: small settings, about 30 seconds on 2 cores
     python benchmark.py --json benchmark.json             also write the figures as JSON
     python benchmark.py --preset gpu --json gpu.json      CUDA: 450 px, every model, course-sized data
 
 Every figure is a ratio where above 1 means this project is faster, measured in the same process:
-  model_vs_torchvision  train-step images/s of resnet.py against torchvision's same network, interleaved
+  model_vs_torchvision  train-step images/s of resnet.py against torchvision's same network, step by step in turns
   pipeline_vs_report    images/s of the input pipeline against the seed report's (PIL per image: flip,
                         rotation 15, ToTensor, Normalize), same files and workers, up to an augmented,
                         normalised float batch on the training device
   epoch_vs_report       one training epoch of train.py against a report-style loop (fp32, NCHW, PIL, .item())
 On CUDA also: images/s and the share of the GPU's bf16 peak per model; the share of step time spent
 waiting for data and the host syncs per step, in an epoch with workers decoding (train.py's default) and one
-with --cache gpu; and the estimated time of 200 ResNet152 epochs on the course data.
+with --cache gpu; the estimated time of 200 ResNet152 epochs on the course data; and what --compile gains.
 """
 from __future__ import annotations
 
