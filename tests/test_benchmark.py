@@ -40,6 +40,7 @@ def test_cuda_section_runs_and_its_figures_add_up(demo_root, tmp_path):
         r = out["throughput"][name]
         flops = 3 * benchmark.build_model(name).flops_per_image(32)
         assert r["images_per_s"] > 0 and abs(r["bf16_peak_share"] - flops * r["images_per_s"] / 0.5e12) < 1e-12
+    assert summary["data_wait_share_resnet18"] == out["resnet18_epoch"]["data_wait_share"] < 1
     r152 = out["resnet152_epoch"]
     assert r152["train_images"] == 48 and r152["cache"] == "gpu"
     assert abs(summary["resnet152_200_epochs_minutes"] - 200 * 48 / r152["images_per_s"] / 60) < 1e-9
