@@ -140,6 +140,16 @@ def test_affine_matches_torchvision_nearest_rotation(h, w, degrees):
     assert torch.equal(dataloader.sample_nearest(x.float(), dataloader.grid_matrix(theta, h, w)), expected.float())
 
 
+def test_each_image_of_a_batch_gets_its_own_rotation():
+    x = torch.randint(0, 256, (3, 3, 33, 33), dtype=torch.uint8)
+    degrees = [20.0, -135.0, 90.0]
+    theta = torch.stack([torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+                         for a in map(math.radians, degrees)])
+    out = dataloader.sample_nearest(x.float(), dataloader.grid_matrix(theta, 33, 33))
+    for o, image, d in zip(out, x, degrees):
+        assert torch.equal(o, TF.rotate(image, d, interpolation=InterpolationMode.NEAREST).float())
+
+
 def test_affine_flips_and_identity_are_exact():
     x = torch.rand(1, 3, 9, 12)
     for sx, sy, expected in ((1, 1, x), (-1, 1, x.flip(3)), (1, -1, x.flip(2)), (-1, -1, x.flip(2).flip(3))):
