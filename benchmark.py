@@ -257,16 +257,7 @@ def ours_epoch(root: str, name: str, batch_size: int, workers: int, device, crop
     train.seed_everything(args.seed, False)
     preprocess, augment = train.transforms_from_args(args)
     train_batches, _, sampler, labels, _ = train.load_data(args, preprocess, 0, 1, device)
-    model = build_model(name).to(device)
-    channels_last = device.type == "cuda"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    dtype = utils.amp_dtype(device)
-    optimizer = train.build_optimizer(model, args, device)
-    scheduler = train.build_scheduler(optimizer, len(train_batches), args)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    ema = train.EMA(model, args.ema)
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    model, channels_last, dtype, optimizer, scheduler, scaler, ema, criterion = train.build_training(args, device, labels, len(train_batches))
     compiled = torch.compile(model) if compile_model else model
     timed = TimedBatches(train_batches)
     results = {}

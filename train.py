@@ -293,6 +293,24 @@ class EMA:
             torch._foreach_copy_(*self.copied)
 
 
+def build_training(args: argparse.Namespace, device: torch.device, train_labels: list[int], steps_per_epoch: int):
+    """The network and what trains it, from the run's flags: (model, channels_last, autocast dtype, optimizer,
+    scheduler, grad scaler, EMA or None, loss). benchmark.py times an epoch from the same pieces."""
+    model = build_model(args.model, num_classes=2).to(device)
+    channels_last = args.channels_last if args.channels_last is not None else device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    dtype = utils.amp_dtype(device, args.amp)
+    optimizer = build_optimizer(model, args, device)
+    scheduler = build_scheduler(optimizer, steps_per_epoch, args)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    ema = EMA(model, args.ema) if args.ema > 0 else None
+    counts = torch.bincount(torch.tensor(train_labels), minlength=2).float()
+    weight = (counts.sum() / (2 * counts)).to(device) if args.class_balance == "loss" else None
+    criterion = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=args.label_smoothing)
+    return model, channels_last, dtype, optimizer, scheduler, scaler, ema, criterion
+
+
 # ----------------------------------------------------------------------------------------------------------
 # One epoch
 
@@ -434,18 +452,8 @@ def main(args: argparse.Namespace) -> int:
     train_batches, valid_batches, train_sampler, train_labels, valid_labels = load_data(args, preprocess, rank, world_size, device)
     train_transform, eval_transform = BatchTransform(preprocess, augment), BatchTransform(preprocess)
 
-    raw_model = build_model(args.model, num_classes=2).to(device)
-    channels_last = args.channels_last if args.channels_last is not None else device.type == "cuda"
-    if channels_last:
-        raw_model = raw_model.to(memory_format=torch.channels_last)
-    dtype = utils.amp_dtype(device, args.amp)
-    optimizer = build_optimizer(raw_model, args, device)
-    scheduler = build_scheduler(optimizer, len(train_batches), args)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    ema = EMA(raw_model, args.ema) if args.ema > 0 else None
-    counts = torch.bincount(torch.tensor(train_labels), minlength=2).float()
-    weight = (counts.sum() / (2 * counts)).to(device) if args.class_balance == "loss" else None
-    criterion = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=args.label_smoothing)
+    raw_model, channels_last, dtype, optimizer, scheduler, scaler, ema, criterion = build_training(
+        args, device, train_labels, len(train_batches))
     eval_criterion = torch.nn.CrossEntropyLoss()
 
     start_epoch, history, best = 0, [], {"value": -1.0, "epoch": -1}
@@ -483,7 +491,8 @@ def main(args: argparse.Namespace) -> int:
         f"channels_last {channels_last}, compile {args.compile}")
     log(f"model {args.model}: {n_params / 1e6:.1f} M parameters; input {preprocess.crop or 'full'} px crop -> "
         f"{preprocess.size or preprocess.crop or 'native'} px")
-    log(f"data {args.data_root}: {len(train_labels)} train ({int(counts[1])} ALL, {int(counts[0])} hem), {len(valid_labels)} valid; "
+    log(f"data {args.data_root}: {len(train_labels)} train ({sum(train_labels)} ALL, {len(train_labels) - sum(train_labels)} hem), "
+        f"{len(valid_labels)} valid; "
         f"{len(train_batches)} steps of {args.batch_size} x {world_size} per epoch; run folder {out}")
 
     for epoch in range(start_epoch, args.epochs):
