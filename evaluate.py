@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
 import utils  # noqa: E402
-from dataloader import CLASSES, DataError, RetinopathyLoader, decode_image, read_csv  # noqa: E402
+from dataloader import CLASSES, RetinopathyLoader, decode_image, read_csv  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -205,8 +205,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(get_args_parser().parse_args()))
-    except (DataError, utils.CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    utils.run_main(main, get_args_parser().parse_args())

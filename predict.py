@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 
 import utils
-from dataloader import TEST_CSVS, DataError, RetinopathyLoader, find_test_csv, read_csv
+from dataloader import TEST_CSVS, RetinopathyLoader, find_test_csv, read_csv
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -79,8 +78,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(get_args_parser().parse_args()))
-    except (DataError, utils.CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    utils.run_main(main, get_args_parser().parse_args())

@@ -1,6 +1,7 @@
 """What train.py, evaluate.py, predict.py and plot.py share: devices, safe files, checkpoints, batches, inference."""
 from __future__ import annotations
 
+import argparse
 import csv
 import errno
 import glob
@@ -8,6 +9,7 @@ import io
 import json
 import os
 import signal
+import sys
 import tempfile
 from contextlib import nullcontext
 from typing import Callable, Iterator
@@ -15,7 +17,7 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dataloader import BatchTransform, Preprocess, to_device
+from dataloader import BatchTransform, DataError, Preprocess, to_device
 from resnet import MODELS, ResNet, build_model
 
 CHECKPOINT_KEYS = ("model", "model_name", "num_classes", "preprocess", "epoch")
@@ -23,6 +25,16 @@ CHECKPOINT_KEYS = ("model", "model_name", "num_classes", "preprocess", "epoch")
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used here; the message names the file and what to do."""
+
+
+def run_main(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> None:
+    """sys.exit(main(args)); a problem with the data, a checkpoint or a file ends the script with its message, no traceback."""
+    try:
+        code = main(args)
+    except (DataError, CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 1
+    sys.exit(code)
 
 
 # ----------------------------------------------------------------------------------------------------------
