@@ -47,7 +47,7 @@ PRESETS = {
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=list(PRESETS), help="settings for the machine (default: gpu on CUDA, else cpu)")
-    parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="training device (default: auto)")
+    parser.add_argument("--device", choices=utils.DEVICES, default="auto", help="training device (default: auto)")
     parser.add_argument("--data-root", default=os.path.join("data", "bench"),
                         help="450 px dataset in the course layout; made with the demo generator if missing (default: data/bench)")
     parser.add_argument("--models", nargs="+", help="models to measure (default: from the preset)")

@@ -25,12 +25,13 @@ from sklearn import metrics as skm  # noqa: E402
 
 import utils  # noqa: E402
 from dataloader import CLASSES, RetinopathyLoader, decode_image, read_csv  # noqa: E402
+from resnet import MODELS  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", nargs="+", help="checkpoint files to evaluate (default: every checkpoints/*/best.pt)")
-    parser.add_argument("--model", choices=["resnet18", "resnet50", "resnet152"], help="only the runs of this model")
+    parser.add_argument("--model", choices=list(MODELS), help="only the runs of this model")
     parser.add_argument("--checkpoints-dir", default="checkpoints", help="where the run folders are (default: checkpoints)")
     parser.add_argument("--split", choices=["valid", "train"], default="valid", help="split to evaluate on (default: valid)")
     parser.add_argument("--csv", help="a labelled CSV (Path,label) to evaluate on instead of --split")
@@ -39,7 +40,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tta", action="store_true", help="average the predictions over the four flips of each image")
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes (default: min(8, cores))")
-    parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="where to run (default: auto)")
+    parser.add_argument("--device", choices=utils.DEVICES, default="auto", help="where to run (default: auto)")
     parser.add_argument("--gallery", type=int, default=16, help="most confidently wrong cells to show (default: 16)")
     return parser
 

@@ -89,7 +89,7 @@ def get_args_parser(add_help: bool = True, suppress_defaults: bool = False) -> a
         help="decode the dataset once and keep it as uint8 in RAM or on the GPU (default: none)")
     add("--seed", type=int, default=0, help="seed of weights, shuffling and augmentation (default: 0)")
     add("--deterministic", action="store_true", default=False, help="deterministic kernels: bit-exact reruns and resumes, slower")
-    add("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="where to train (default: auto)")
+    add("--device", choices=utils.DEVICES, default="auto", help="where to train (default: auto)")
     add("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
         help="mixed precision: bf16 on CUDA where supported, else fp16 with a grad scaler; always off on CPU (default: auto)")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last memory format (default: on with CUDA)")

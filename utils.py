@@ -41,6 +41,9 @@ def run_main(main: Callable[[argparse.Namespace], int], args: argparse.Namespace
 # Devices and precision
 
 
+DEVICES = ("auto", "cuda", "mps", "cpu")  # what every script's --device accepts
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """'auto' picks CUDA, then Apple's MPS, then the CPU."""
     if name == "auto":
