@@ -19,11 +19,14 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import io
 import math
 import os
+import struct
 import sys
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -185,6 +188,24 @@ def as_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def read_bmp24(data: bytes) -> np.ndarray | None:
+    """The RGB pixels (H, W, 3) of an uncompressed 24-bit BMP, the course's format, as a view into data; None for
+    any other file, which PIL then reads.
+
+    Twice as fast as PIL, which unpacks every pixel to four bytes and packs it back: on a GPU, decoding is all
+    the CPU does per image.
+    """
+    if len(data) < 54 or data[:2] != b"BM":
+        return None
+    offset, header_size, w, h, planes, bits, compression = struct.unpack_from("<IIiiHHI", data, 10)
+    row = (w * 3 + 3) // 4 * 4  # rows are padded to 4 bytes
+    if header_size < 40 or planes != 1 or bits != 24 or compression != 0 or w <= 0 or h == 0 or offset + row * abs(h) > len(data):
+        return None
+    rows = np.frombuffer(data, np.uint8, count=row * abs(h), offset=offset).reshape(abs(h), row)
+    pixels = rows[:, : w * 3].reshape(abs(h), w, 3)[:, :, ::-1]  # stored as BGR
+    return pixels[::-1] if h > 0 else pixels  # a positive height means the bottom row comes first
+
+
 def decode_image(path: str, crop: int | None, size: int | None) -> torch.Tensor:
     """uint8 (H, W, 3), as decoded: RGB, centre-cropped to crop px, resized to size px (antialiased).
 
@@ -192,19 +213,26 @@ def decode_image(path: str, crop: int | None, size: int | None) -> torch.Tensor:
     plain copies, with no transposition on the CPU.
     """
     try:
-        with Image.open(path) as img:
-            img = as_rgb(img)
-            w, h = img.size
-            if crop is not None and (crop < w or crop < h):
-                cw, ch = min(crop, w), min(crop, h)
-                left, top = (w - cw) // 2, (h - ch) // 2
-                img = img.crop((left, top, left + cw, top + ch))
-            if size is not None and img.size != (size, size):
-                img = img.resize((size, size), Image.BILINEAR, reducing_gap=None)
-            return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.size[1], img.size[0], 3)
+        with open(path, "rb") as f:
+            data = f.read()
+        pixels = read_bmp24(data)
+        if pixels is None:
+            with Image.open(io.BytesIO(data)) as img:
+                pixels = np.asarray(as_rgb(img))
     except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f"{path}: cannot read image ({e}). Replace or remove the file; "
                         "python dataloader.py --check lists every bad file.") from e
+    h, w = pixels.shape[:2]
+    if crop is not None and (crop < w or crop < h):
+        top, left = (h - min(crop, h)) // 2, (w - min(crop, w)) // 2
+        pixels = pixels[top : top + crop, left : left + crop]
+    out = torch.empty(pixels.shape, dtype=torch.uint8)
+    for c in range(3):  # plane by plane: numpy copies a reversed view (BGR, bottom-up) several times faster this way
+        out.numpy()[..., c] = pixels[..., c]
+    if size is not None and out.shape[:2] != (size, size):
+        resized = Image.fromarray(out.numpy()).resize((size, size), Image.BILINEAR, reducing_gap=None)
+        out = torch.from_numpy(np.array(resized))
+    return out
 
 
 class BatchTransform:

@@ -112,6 +112,32 @@ def test_any_image_mode_becomes_rgb(tmp_path, mode):
     assert torch.equal(img, torch.from_numpy(np.array(Image.open(path).convert("RGB"))))
 
 
+@pytest.mark.parametrize("w, h", [(40, 30), (41, 30), (1, 7), (33, 5)])
+def test_24_bit_bmp_is_read_as_pil_reads_it(tmp_path, w, h):
+    rgb = np.random.default_rng(w * h).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    path = str(tmp_path / "x.bmp")
+    Image.fromarray(rgb).save(path)  # bottom-up rows, each padded to 4 bytes
+    data = open(path, "rb").read()
+    assert np.array_equal(dataloader.read_bmp24(data), np.asarray(Image.open(path))) and np.array_equal(rgb, np.asarray(Image.open(path)))
+    assert np.array_equal(dataloader.decode_image(path, crop=None, size=None).numpy(), rgb)
+    # The same pixels stored top-down (a negative height), as some writers do.
+    offset, row = int.from_bytes(data[10:14], "little"), (w * 3 + 3) // 4 * 4
+    rows = [data[offset + i * row : offset + (i + 1) * row] for i in range(h)]
+    top_down = data[:22] + (-h).to_bytes(4, "little", signed=True) + data[26:offset] + b"".join(reversed(rows))
+    open(path, "wb").write(top_down)
+    assert np.array_equal(np.asarray(Image.open(path)), rgb)
+    assert np.array_equal(dataloader.read_bmp24(top_down), rgb)
+
+
+@pytest.mark.parametrize("mode, suffix", [("L", ".bmp"), ("P", ".bmp"), ("RGBA", ".bmp"), ("RGB", ".png")])
+def test_other_files_are_left_to_pil(tmp_path, mode, suffix):
+    path = str(tmp_path / f"x{suffix}")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 41, 3), dtype=np.uint8)).convert(mode).save(path)
+    assert dataloader.read_bmp24(open(path, "rb").read()) is None
+    expected = np.asarray(dataloader.as_rgb(Image.open(path)))
+    assert np.array_equal(dataloader.decode_image(path, crop=None, size=None).numpy(), expected)
+
+
 def test_crop_is_centred_and_clipped_to_the_image(tmp_path):
     a = np.zeros((60, 80, 3), np.uint8)
     a[20:40, 30:50] = 255
