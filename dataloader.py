@@ -412,6 +412,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
+    # datatools imports this file as "dataloader": make that this very module, so that the DataError it raises is
+    # the one caught here (a second copy of the module would have its own DataError class, and a traceback).
+    sys.modules["dataloader"] = sys.modules[__name__]
     try:
         sys.exit(main(get_args_parser().parse_args()))
     except DataError as e:

@@ -98,6 +98,10 @@ def test_import_refuses_to_overwrite_and_to_import_nothing(release, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(dataloader.DataError, match="no cell images"):
         datatools.import_cnmc(str(tmp_path / "empty"), str(tmp_path / "out2"))
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "dataloader.py"), "--import-cnmc", str(tmp_path / "empty"),
+                             "--out", str(tmp_path / "out2")], capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.startswith("error: ") and "no cell images" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_real_cells_keep_every_subject_in_one_split(tmp_path):
