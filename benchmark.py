@@ -32,7 +32,7 @@ from torchvision import transforms
 
 import train
 import utils
-from dataloader import Augment, BatchTransform, Preprocess, RetinopathyLoader, getData
+from dataloader import Augment, BatchTransform, Preprocess, RetinopathyLoader, atomic_write, getData
 from resnet import build_model
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s.
@@ -419,7 +419,7 @@ def cuda_figures(out: dict, root: str, cfg: dict, args: argparse.Namespace, devi
 def save(out: dict, path: str | None) -> None:
     """Write the figures so far: a run cut short still leaves what it measured."""
     if path:
-        utils.atomic_write(path, lambda f: f.write(json.dumps(out, indent=2).encode()))
+        atomic_write(path, lambda f: f.write(json.dumps(out, indent=2).encode()))
 
 if __name__ == "__main__":
     sys.exit(main(get_args_parser().parse_args()))

@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import functools
 import io
 import math
 import os
 import struct
 import sys
+import tempfile
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -83,7 +86,7 @@ NO_AUGMENT = Augment(hflip=False, vflip=False, rotation=0.0, scale=(1.0, 1.0), s
 
 
 # ----------------------------------------------------------------------------------------------------------
-# CSV files
+# CSV files, and writing any file atomically
 
 
 def read_csv(csv_path: str, labelled: bool, problems: list[str] | None = None) -> tuple[list[str], list[int] | None]:
@@ -118,6 +121,42 @@ def read_csv(csv_path: str, labelled: bool, problems: list[str] | None = None) -
             labels.append(int(value))
         paths.append(row[0].strip())
     return paths, (labels if labelled else None)
+
+
+def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write path through a temporary file in the same folder, fsync it, then os.replace it over path.
+
+    A kill or a full disk at any moment leaves either the old file or the new one, never a broken one.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            kept = "the previous version is intact" if os.path.exists(path) else "nothing was written"
+            raise OSError(e.errno, f"disk full while writing {path}; {kept}. Free some space and run again") from e
+        raise
+
+
+def write_csv_atomic(path: str, header: list[str], rows: list[list]) -> None:
+    """A CSV file with Unix line ends, written through atomic_write."""
+
+    def write(f):
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+        f.write(text.getvalue().encode())
+
+    atomic_write(path, write)
 
 
 def find_test_csv(root: str, model: str | None = None) -> str:
@@ -417,6 +456,6 @@ if __name__ == "__main__":
     sys.modules["dataloader"] = sys.modules[__name__]
     try:
         sys.exit(main(get_args_parser().parse_args()))
-    except DataError as e:
+    except (DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

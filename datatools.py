@@ -6,7 +6,6 @@ import_cnmc:   the public C-NMC 2019 release (fold_*/all|hem/UID_*.bmp) in the c
 """
 from __future__ import annotations
 
-import csv
 import os
 import random
 import re
@@ -17,7 +16,7 @@ from multiprocessing import Pool
 import numpy as np
 from PIL import Image
 
-from dataloader import CLASSES, IMAGE_EXTENSIONS, TEST_CSVS, DataError, read_csv
+from dataloader import CLASSES, IMAGE_EXTENSIONS, TEST_CSVS, DataError, read_csv, write_csv_atomic
 
 def parallel_map(function, items: list, workers: int, chunksize: int) -> list:
     """Pool.map whose workers end by closing the pool, not by a SIGTERM (a caller may handle that signal)."""
@@ -163,13 +162,6 @@ def write_cell(job: tuple[str, int, int, int]) -> None:
     Image.fromarray(draw_cell(seed, label, side)).save(path)
 
 
-def write_csv(path: str, header: list[str], rows: list) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows)
-
-
 def make_demo(out: str, sizes: tuple[int, int, int] = (600, 150, 150), seed: int = 0, side: int = 450, workers: int = 1) -> None:
     """Write a synthetic dataset at out in the course layout: CSVs, ./new_dataset/<split>/<i>.bmp, ~68% ALL."""
     rng = random.Random(seed)
@@ -182,12 +174,12 @@ def make_demo(out: str, sizes: tuple[int, int, int] = (600, 150, 150), seed: int
         for i, label in enumerate(labels):
             jobs.append((os.path.join(out, "new_dataset", split, f"{i}.bmp"), seed * 10_000_019 + split_index * 1_000_003 + i, label, side))
     parallel_map(write_cell, jobs, workers, chunksize=8)
-    write_csv(os.path.join(out, "train.csv"), ["Path", "label"], labelled["train"])
-    write_csv(os.path.join(out, "valid.csv"), ["Path", "label"], labelled["valid"])
+    write_csv_atomic(os.path.join(out, "train.csv"), ["Path", "label"], labelled["train"])
+    write_csv_atomic(os.path.join(out, "valid.csv"), ["Path", "label"], labelled["valid"])
     for name in TEST_CSVS.values():
         rows = [[path] for path, _ in labelled["test"]]
         rng.shuffle(rows)
-        write_csv(os.path.join(out, name), ["Path"], rows)
+        write_csv_atomic(os.path.join(out, name), ["Path"], rows)
     print(f"wrote {sum(sizes)} synthetic {side}x{side} cells to {out} ({sizes[0]} train, {sizes[1]} valid, {sizes[2]} test)")
 
 
@@ -283,16 +275,16 @@ def import_cnmc(src: str, out: str, split: str = "subject", valid_frac: float = 
         name = f"./new_dataset/{split_of[path]}/{os.path.basename(path)}"
         place(path, os.path.join(out, name))
         rows[split_of[path]].append((name, label))
-    write_csv(os.path.join(out, "train.csv"), ["Path", "label"], rows["train"])
-    write_csv(os.path.join(out, "valid.csv"), ["Path", "label"], rows["valid"])
-    write_csv(os.path.join(out, "test_labels.csv"), ["Path", "label"], rows["test"])
+    write_csv_atomic(os.path.join(out, "train.csv"), ["Path", "label"], rows["train"])
+    write_csv_atomic(os.path.join(out, "valid.csv"), ["Path", "label"], rows["valid"])
+    write_csv_atomic(os.path.join(out, "test_labels.csv"), ["Path", "label"], rows["test"])
     test_rows = [[p] for p, _ in rows["test"]]
     rng.shuffle(test_rows)
     for name in TEST_CSVS.values():
-        write_csv(os.path.join(out, name), ["Path"], test_rows)
+        write_csv_atomic(os.path.join(out, name), ["Path"], test_rows)
 
     table = Counter((split_of[path], subject, label) for path, subject, label in cells)
-    write_csv(os.path.join(out, "subjects.csv"), ["split", "subject", "label", "cells"],
+    write_csv_atomic(os.path.join(out, "subjects.csv"), ["split", "subject", "label", "cells"],
               [[sp, subject, CLASSES[label], n] for (sp, subject, label), n in sorted(table.items())])
     print(f"imported {len(cells)} cells of {len({s for _, s, _ in cells})} subjects from {src} to {out} ({split} split)")
     print(f"  {'split':<6} {'hem cells':>9} {'hem subj':>8} {'ALL cells':>9} {'ALL subj':>8}")

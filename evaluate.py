@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
 import utils  # noqa: E402
-from dataloader import CLASSES, RetinopathyLoader, decode_image, read_csv  # noqa: E402
+from dataloader import CLASSES, RetinopathyLoader, atomic_write, decode_image, read_csv, write_csv_atomic  # noqa: E402
 from resnet import MODELS  # noqa: E402
 
 
@@ -148,9 +148,9 @@ def evaluate_run(checkpoint_path: str, args: argparse.Namespace, device: torch.d
         "best_train_acc": max((h["train_acc"] for h in history), default=None),
         "best_valid_acc": max((h["valid_acc"] for h in history), default=None),
     })
-    utils.atomic_write(os.path.join(out, "metrics.json"), lambda f: f.write(json.dumps(result, indent=2).encode()))
+    atomic_write(os.path.join(out, "metrics.json"), lambda f: f.write(json.dumps(result, indent=2).encode()))
     names, _ = read_csv(dataset.csv_path, labelled=True)
-    utils.write_csv_atomic(os.path.join(out, "predictions.csv"), ["path", "label", "pred", "prob_ALL"],
+    write_csv_atomic(os.path.join(out, "predictions.csv"), ["path", "label", "pred", "prob_ALL"],
                            [[n, int(y), int(p >= 0.5), repr(float(p))] for n, y, p in zip(names, labels, prob_all)])
     title = f"{run} ({checkpoint['model_name']}, epoch {checkpoint['epoch']}), {split}: acc {result['accuracy']:.4f}"
     plot_confusion_matrix(np.array(result["confusion_matrix"]), title, os.path.join(out, "confusion_matrix.png"))
@@ -184,10 +184,10 @@ def write_comparison(results: list[dict], out_dir: str) -> None:
         return f"{v:.4f}" if isinstance(v, float) else "" if v is None else str(v)
 
     rows = [[cell(r[c]) for c in COMPARISON_COLUMNS] for r in results]
-    utils.write_csv_atomic(os.path.join(out_dir, "comparison.csv"), COMPARISON_COLUMNS, rows)
+    write_csv_atomic(os.path.join(out_dir, "comparison.csv"), COMPARISON_COLUMNS, rows)
     lines = ["| " + " | ".join(COMPARISON_COLUMNS) + " |", "|" + "---|" * len(COMPARISON_COLUMNS)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    utils.atomic_write(os.path.join(out_dir, "comparison.md"), lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    atomic_write(os.path.join(out_dir, "comparison.md"), lambda f: f.write(("\n".join(lines) + "\n").encode()))
     print("\n" + "\n".join(lines))
     print(f"\nwrote {os.path.join(out_dir, 'comparison.md')} and comparison.csv")
 

@@ -15,7 +15,7 @@ import os
 import torch
 
 import utils
-from dataloader import TEST_CSVS, RetinopathyLoader, find_test_csv, read_csv
+from dataloader import TEST_CSVS, RetinopathyLoader, find_test_csv, read_csv, write_csv_atomic
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -69,9 +69,9 @@ def main(args: argparse.Namespace) -> int:
     labels = (prob_all >= 0.5).long().tolist()
 
     output = args.output or os.path.join("submissions", "+".join(utils.run_name_of(p) for p in paths) + ".csv")
-    utils.write_csv_atomic(output, ["ID", "label"], [[i, y] for i, y in zip(ids, labels)])
+    write_csv_atomic(output, ["ID", "label"], [[i, y] for i, y in zip(ids, labels)])
     if args.probs:
-        utils.write_csv_atomic(args.probs, ["ID", "prob_ALL"], [[i, repr(p)] for i, p in zip(ids, prob_all.tolist())])
+        write_csv_atomic(args.probs, ["ID", "prob_ALL"], [[i, repr(p)] for i, p in zip(ids, prob_all.tolist())])
     print(f"wrote {output}: {len(ids)} rows from {test_csv} ({sum(labels)} ALL, {len(labels) - sum(labels)} hem)"
           + (f"; probabilities in {args.probs}" if args.probs else ""))
     return 0

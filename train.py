@@ -28,7 +28,7 @@ from sklearn.metrics import f1_score
 from tqdm import tqdm
 
 import utils
-from dataloader import Augment, BatchTransform, DataError, Preprocess, RetinopathyLoader
+from dataloader import Augment, BatchTransform, DataError, Preprocess, RetinopathyLoader, atomic_write, write_csv_atomic
 from resnet import MODELS, build_model
 
 # The recipes. "default" is this project's (README: "Why the default recipe"); "seed" is the report's.
@@ -400,7 +400,7 @@ def make_checkpoint(raw_model, ema, optimizer, scheduler, scaler, epoch, best, h
 
 def write_history(path: str, history: list[dict]) -> None:
     columns = ["epoch", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "valid_f1", "seconds", "images_per_s"]
-    utils.write_csv_atomic(path, columns, [[row[c] for c in columns] for row in history])
+    write_csv_atomic(path, columns, [[row[c] for c in columns] for row in history])
 
 
 def resume_checkpoint_path(args: argparse.Namespace) -> str:
@@ -485,7 +485,7 @@ def main(args: argparse.Namespace) -> int:
         os.makedirs(out, exist_ok=True)
         for stale in glob.glob(os.path.join(out, ".*.tmp")):  # left by a process killed while saving
             os.remove(stale)
-        utils.atomic_write(os.path.join(out, "args.json"), lambda f: f.write(json.dumps(vars(args), indent=2).encode()))
+        atomic_write(os.path.join(out, "args.json"), lambda f: f.write(json.dumps(vars(args), indent=2).encode()))
     n_params = sum(p.numel() for p in raw_model.parameters())
     log(f"device {utils.device_name(device)} x {world_size} process(es), precision {dtype or torch.float32}, "
         f"channels_last {channels_last}, compile {args.compile}")

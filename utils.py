@@ -2,22 +2,18 @@
 from __future__ import annotations
 
 import argparse
-import csv
-import errno
 import glob
-import io
 import json
 import os
 import signal
 import sys
-import tempfile
 from contextlib import nullcontext
 from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dataloader import BatchTransform, DataError, Preprocess, to_device
+from dataloader import BatchTransform, DataError, Preprocess, atomic_write, to_device
 from resnet import MODELS, ResNet, build_model
 
 CHECKPOINT_KEYS = ("model", "model_name", "num_classes", "preprocess", "epoch")
@@ -77,44 +73,6 @@ def device_name(device: torch.device) -> str:
     if device.type == "cpu":
         return f"cpu ({torch.get_num_threads()} threads)"
     return device.type
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Files that are never half-written
-
-
-def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write path through a temporary file in the same folder, fsync it, then os.replace it over path.
-
-    A kill or a full disk at any moment leaves either the old file or the new one, never a broken one.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            kept = "the previous version is intact" if os.path.exists(path) else "nothing was written"
-            raise OSError(e.errno, f"disk full while writing {path}; {kept}. Free some space and run again") from e
-        raise
-
-
-def write_csv_atomic(path: str, header: list[str], rows: list[list]) -> None:
-    def write(f):
-        text = io.StringIO()
-        writer = csv.writer(text, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows)
-        f.write(text.getvalue().encode())
-
-    atomic_write(path, write)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 import csv
+import errno
 import glob
 import math
 import os
@@ -278,6 +279,16 @@ def test_unreadable_image_is_named_also_inside_a_worker(tmp_path, damage):
 
 # ----------------------------------------------------------------------------------------------------------
 # --make-demo and --check
+
+
+def test_make_demo_on_a_full_disk_leaves_no_half_written_csv(tmp_path, monkeypatch):
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="disk full while writing .*train.csv; nothing was written"):
+        datatools.make_demo(str(tmp_path), sizes=(2, 1, 1), side=32)
+    assert not any(name.endswith((".csv", ".tmp")) for name in os.listdir(tmp_path))
 
 
 def test_make_demo_writes_the_course_layout(demo_root):

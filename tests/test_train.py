@@ -179,12 +179,12 @@ def test_save_killed_halfway_leaves_the_previous_checkpoint(tmp_path):
     script = (
         "import os, signal, sys, torch\n"
         f"sys.path.insert(0, {ROOT!r})\n"
-        "import utils\n"
+        "import dataloader\n"
         "def write(f):\n"
         "    f.write(b'x' * 1000)\n"
         "    f.flush()\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        f"utils.atomic_write({str(path)!r}, write)\n"
+        f"dataloader.atomic_write({str(path)!r}, write)\n"
     )
     result = subprocess.run([sys.executable, "-c", script])
     assert result.returncode == -signal.SIGKILL
