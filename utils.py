@@ -1,4 +1,4 @@
-"""What train.py, evaluate.py, predict.py and plot.py share: devices, safe files, checkpoints, batches, inference."""
+"""What train.py, evaluate.py, predict.py and plot.py share: devices, checkpoints, batches, inference."""
 from __future__ import annotations
 
 import argparse
