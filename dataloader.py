@@ -1,11 +1,12 @@
-"""The course data: CSV files, the RetinopathyLoader dataset, and one preprocessing pipeline.
+"""The course data: CSV files, the RetinopathyLoader dataset, and one preprocessing pipeline; atomic file writes.
 
 Layout (see data/README.md): <root>/train.csv and valid.csv (Path,label), <root>/resnet_<18|50|152>_test.csv
 (Path), the images at the CSV's paths, relative to the CSV's folder. Label 0 = hem (normal), 1 = ALL (blast).
 
 The pipeline has two halves so that it runs as fast on a GPU as on a laptop:
-  - decode_image (CPU, in DataLoader workers): read the file, make it RGB, centre-crop the black border,
-    resize, and return uint8 (H, W, 3). Nothing else crosses to the training device.
+  - decode_image (CPU, in DataLoader workers): read the file (the course's 24-bit BMPs with numpy, anything else
+    with PIL), make it RGB, centre-crop the black border, resize, and return uint8 (H, W, 3). Nothing else
+    crosses to the training device.
   - BatchTransform (on the training device, batched): flips, rotation and zoom in one affine grid_sample,
     stain/colour jitter, float conversion and normalisation.
 A RetinopathyLoader with output="float" runs both halves per image, so there is one copy of each transform.
