@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 import warnings
+from typing import Callable
 
 import torch
 import torchvision
@@ -38,9 +39,10 @@ from resnet import build_model
 # Dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s.
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "RTX 4090": 165.0, "V100": 125.0}
 PRESETS = {
-    "cpu": dict(models=["resnet18"], crop=350, image_size=64, batch_size=16, steps=40, pipeline_images=1024, train_images=256),
+    "cpu": dict(models=["resnet18"], crop=350, image_size=64, batch_size=16, steps=40, pipeline_images=1024, train_images=256,
+                rounds=3),
     "gpu": dict(models=["resnet18", "resnet50", "resnet152"], crop=None, image_size=None, batch_size=64, steps=60,
-                pipeline_images=4096, train_images=7995),
+                pipeline_images=4096, train_images=7995, rounds=1),
 }
 
 
@@ -55,6 +57,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, help="network input side; unset keeps the crop's side (default: from the preset)")
     parser.add_argument("--batch-size", type=int, help="images per step (default: from the preset)")
     parser.add_argument("--steps", type=int, help="timed train steps per model, models taking turns (default: from the preset)")
+    parser.add_argument("--rounds", type=int, help="rounds of the pipeline and epoch measurements, taken in turns; the median counts (default: from the preset)")
     parser.add_argument("--images", type=int, help="images for the pipeline and epoch measurements (default: from the preset)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="data-loading processes for both pipelines (default: all cores)")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if not in the built-in table")
@@ -166,22 +169,37 @@ def pipeline_rate(loader, device, transform=None, images: int = 0) -> float:
 
 
 def pipeline_vs_report(root: str, cfg: dict, workers: int, device) -> dict:
+    """Median images/s of each pipeline over cfg["rounds"] rounds, the pipelines taking turns within a round."""
     n = cfg["pipeline_images"]
     batch = max(1, min(32, n // 4))
     pin = device.type == "cuda"
-    report = torch.utils.data.DataLoader(ReportDataset(root), batch_size=batch, shuffle=True, num_workers=workers, pin_memory=pin,
-                                         persistent_workers=workers > 0)  # as ours: no worker start-up counted
-    rates = {"report": pipeline_rate(report, device, images=n)}
-    for label, pre in (("ours", Preprocess(crop=350)), ("ours_full_450", Preprocess(crop=None))):
-        dataset = RetinopathyLoader(root, "train", preprocess=pre, output="uint8")
 
-        def loader():  # a fresh one for each measurement: nothing decoded ahead by the one before
-            return utils.make_loader(dataset, utils.EpochBatchSampler(len(dataset), batch, shuffle=True), workers, pin)
+    def report() -> float:  # persistent workers, as ours: no worker start-up counted when it goes round the data again
+        loader = torch.utils.data.DataLoader(ReportDataset(root), batch_size=batch, shuffle=True, num_workers=workers,
+                                             pin_memory=pin, persistent_workers=workers > 0)
+        return pipeline_rate(loader, device, images=n)
 
-        transform = BatchTransform(pre, Augment())
-        rates[label] = pipeline_rate(loader(), device, lambda x: transform(x, None), images=n)
-        rates[label + "_host_only"] = pipeline_rate(loader(), torch.device("cpu"), images=n)  # decode and crop: the CPU's share on a GPU
-    return {**{f"{k}_images_per_s": v for k, v in rates.items()}, "workers": workers,
+    def ours(crop: int | None, host_only: bool) -> Callable[[], float]:
+        preprocess = Preprocess(crop=crop)
+        dataset = RetinopathyLoader(root, "train", preprocess=preprocess, output="uint8")
+        transform = BatchTransform(preprocess, Augment())
+
+        def measure() -> float:  # a fresh loader each time: nothing decoded ahead by the one before
+            loader = utils.make_loader(dataset, utils.EpochBatchSampler(len(dataset), batch, shuffle=True), workers, pin)
+            if host_only:  # decode and crop to uint8 batches: all the CPU does when a GPU trains
+                return pipeline_rate(loader, torch.device("cpu"), images=n)
+            return pipeline_rate(loader, device, lambda x: transform(x, None), images=n)
+
+        return measure
+
+    pipelines = {"report": report, "ours": ours(350, False), "ours_host_only": ours(350, True),
+                 "ours_full_450": ours(None, False), "ours_full_450_host_only": ours(None, True)}
+    rounds: dict[str, list[float]] = {k: [] for k in pipelines}
+    for _ in range(cfg["rounds"]):
+        for k, measure in pipelines.items():
+            rounds[k].append(measure())
+    rates = {k: statistics.median(v) for k, v in rounds.items()}
+    return {**{f"{k}_images_per_s": v for k, v in rates.items()}, "workers": workers, "rounds": rounds,
             "ratio": rates["ours"] / rates["report"], "ratio_full_450": rates["ours_full_450"] / rates["report"],
             "host_ratio": rates["ours_host_only"] / rates["report"]}
 
@@ -318,6 +336,10 @@ def model_throughput(name: str, cfg: dict, device, dtype, peak: float | None) ->
 # ----------------------------------------------------------------------------------------------------------
 
 
+def median_note(cfg: dict) -> str:
+    return f"; medians of {cfg['rounds']} rounds" if cfg["rounds"] > 1 else ""
+
+
 def host_sync_note(epoch: dict) -> str:
     return f", {epoch['host_syncs']} host syncs in {epoch['steps']} steps" if "host_syncs" in epoch else ""
 
@@ -325,7 +347,7 @@ def host_sync_note(epoch: dict) -> str:
 def main(args: argparse.Namespace) -> int:
     device = utils.resolve_device(args.device)
     cfg = dict(PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")])
-    for k in ("models", "crop", "image_size", "batch_size", "steps"):
+    for k in ("models", "crop", "image_size", "batch_size", "steps", "rounds"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
     if args.images:
@@ -348,15 +370,20 @@ def main(args: argparse.Namespace) -> int:
     print(f"2. input pipeline, {p['workers']} workers, to a float batch on {device.type}: report {p['report_images_per_s']:.0f} img/s; "
           f"ours {p['ours_images_per_s']:.0f} (350 px crop, ratio {p['ratio']:.2f}), {p['ours_full_450_images_per_s']:.0f} "
           f"(full 450 px, ratio {p['ratio_full_450']:.2f}); ours' CPU share alone (decode + crop, uint8) {p['ours_host_only_images_per_s']:.0f} "
-          f"(ratio {p['host_ratio']:.2f})")
+          f"(ratio {p['host_ratio']:.2f}){median_note(cfg)}")
     save(out, args.json)
 
     epoch_model = "resnet50" if device.type == "cuda" else cfg["models"][0]
-    ours = ours_epoch(root, epoch_model, cfg["batch_size"], args.workers, device, cfg["crop"], cfg["image_size"], "none")
-    theirs = report_epoch(root, epoch_model, cfg["batch_size"], args.workers, device, cfg["crop"], cfg["image_size"])
-    out["epoch"] = {"model": epoch_model, "ours": ours, "report_images_per_s": theirs, "ratio": ours["images_per_s"] / theirs}
+    runs = []
+    for _ in range(cfg["rounds"]):  # in turns, so that whatever else the machine does slows both alike
+        runs.append((ours_epoch(root, epoch_model, cfg["batch_size"], args.workers, device, cfg["crop"], cfg["image_size"], "none"),
+                     report_epoch(root, epoch_model, cfg["batch_size"], args.workers, device, cfg["crop"], cfg["image_size"])))
+    ours = sorted((o for o, _ in runs), key=lambda o: o["images_per_s"])[len(runs) // 2]
+    theirs = statistics.median(t for _, t in runs)
+    out["epoch"] = {"model": epoch_model, "ours": ours, "report_images_per_s": theirs, "ratio": ours["images_per_s"] / theirs,
+                    "rounds": [{"ours_images_per_s": o["images_per_s"], "report_images_per_s": t} for o, t in runs]}
     print(f"3. one {epoch_model} epoch at {input_side(cfg)} px: train.py {ours['images_per_s']:.0f} img/s (data wait "
-          f"{ours['data_wait_share']:.1%}{host_sync_note(ours)}), report-style loop {theirs:.0f} img/s, ratio {out['epoch']['ratio']:.2f}")
+          f"{ours['data_wait_share']:.1%}{host_sync_note(ours)}), report-style loop {theirs:.0f} img/s, ratio {out['epoch']['ratio']:.2f}{median_note(cfg)}")
     if device.type == "cuda":
         cached = out["epoch"]["ours_cache_gpu"] = ours_epoch(root, epoch_model, cfg["batch_size"], args.workers, device, cfg["crop"],
                                                              cfg["image_size"], "gpu")

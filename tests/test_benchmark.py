@@ -10,7 +10,7 @@ from conftest import ROOT
 def test_benchmark_writes_its_figures(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, os.path.join(ROOT, "benchmark.py"), "--device", "cpu", "--data-root", str(tmp_path / "data"),
-           "--image-size", "32", "--batch-size", "4", "--steps", "1", "--images", "24", "--workers", "1",
+           "--image-size", "32", "--batch-size", "4", "--steps", "1", "--images", "24", "--workers", "1", "--rounds", "2",
            "--json", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -18,7 +18,8 @@ def test_benchmark_writes_its_figures(tmp_path):
     for key in ("model_vs_torchvision", "pipeline_vs_report", "epoch_vs_report"):
         assert figures[key] > 0
     assert figures["device"].startswith("cpu") and "command" in figures and "date" in figures
-    assert "| pipeline_vs_report |" in result.stdout
+    assert "| pipeline_vs_report |" in result.stdout and "medians of 2 rounds" in result.stdout
+    assert len(figures["pipeline"]["rounds"]["report"]) == len(figures["epoch"]["rounds"]) == 2
 
 
 def test_cuda_section_runs_and_its_figures_add_up(demo_root, tmp_path):
