@@ -151,7 +151,7 @@ def evaluate_run(checkpoint_path: str, args: argparse.Namespace, device: torch.d
     atomic_write(os.path.join(out, "metrics.json"), lambda f: f.write(json.dumps(result, indent=2).encode()))
     names, _ = read_csv(dataset.csv_path, labelled=True)
     write_csv_atomic(os.path.join(out, "predictions.csv"), ["path", "label", "pred", "prob_ALL"],
-                           [[n, int(y), int(p >= 0.5), repr(float(p))] for n, y, p in zip(names, labels, prob_all)])
+                     [[n, int(y), int(p >= 0.5), repr(float(p))] for n, y, p in zip(names, labels, prob_all)])
     title = f"{run} ({checkpoint['model_name']}, epoch {checkpoint['epoch']}), {split}: acc {result['accuracy']:.4f}"
     plot_confusion_matrix(np.array(result["confusion_matrix"]), title, os.path.join(out, "confusion_matrix.png"))
     plot_roc(labels, prob_all, title, os.path.join(out, "roc.png"))
