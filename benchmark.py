@@ -57,7 +57,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, help="network input side; unset keeps the crop's side (default: from the preset)")
     parser.add_argument("--batch-size", type=int, help="images per step (default: from the preset)")
     parser.add_argument("--steps", type=int, help="timed train steps per model, models taking turns (default: from the preset)")
-    parser.add_argument("--rounds", type=int, help="rounds of the pipeline and epoch measurements, taken in turns; the median counts (default: from the preset)")
+    parser.add_argument("--rounds", type=int,
+                        help="rounds of the pipeline and epoch measurements, taken in turns; medians compared (default: from the preset)")
     parser.add_argument("--images", type=int, help="images for the pipeline and epoch measurements (default: from the preset)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="data-loading processes for both pipelines (default: all cores)")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if not in the built-in table")
@@ -383,7 +384,8 @@ def main(args: argparse.Namespace) -> int:
     out["epoch"] = {"model": epoch_model, "ours": ours, "report_images_per_s": theirs, "ratio": ours["images_per_s"] / theirs,
                     "rounds": [{"ours_images_per_s": o["images_per_s"], "report_images_per_s": t} for o, t in runs]}
     print(f"3. one {epoch_model} epoch at {input_side(cfg)} px: train.py {ours['images_per_s']:.0f} img/s (data wait "
-          f"{ours['data_wait_share']:.1%}{host_sync_note(ours)}), report-style loop {theirs:.0f} img/s, ratio {out['epoch']['ratio']:.2f}{median_note(cfg)}")
+          f"{ours['data_wait_share']:.1%}{host_sync_note(ours)}), report-style loop {theirs:.0f} img/s, "
+          f"ratio {out['epoch']['ratio']:.2f}{median_note(cfg)}")
     if device.type == "cuda":
         cached = out["epoch"]["ours_cache_gpu"] = ours_epoch(root, epoch_model, cfg["batch_size"], args.workers, device, cfg["crop"],
                                                              cfg["image_size"], "gpu")
