@@ -285,7 +285,7 @@ def import_cnmc(src: str, out: str, split: str = "subject", valid_frac: float = 
 
     table = Counter((split_of[path], subject, label) for path, subject, label in cells)
     write_csv_atomic(os.path.join(out, "subjects.csv"), ["split", "subject", "label", "cells"],
-              [[sp, subject, CLASSES[label], n] for (sp, subject, label), n in sorted(table.items())])
+                     [[sp, subject, CLASSES[label], n] for (sp, subject, label), n in sorted(table.items())])
     print(f"imported {len(cells)} cells of {len({s for _, s, _ in cells})} subjects from {src} to {out} ({split} split)")
     print(f"  {'split':<6} {'hem cells':>9} {'hem subj':>8} {'ALL cells':>9} {'ALL subj':>8}")
     for sp in fractions:
