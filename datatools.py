@@ -18,6 +18,7 @@ from PIL import Image
 
 from dataloader import CLASSES, IMAGE_EXTENSIONS, TEST_CSVS, DataError, read_csv, write_csv_atomic
 
+
 def parallel_map(function, items: list, workers: int, chunksize: int) -> list:
     """Pool.map whose workers end by closing the pool, not by a SIGTERM (a caller may handle that signal)."""
     pool = Pool(max(1, workers))
