@@ -284,7 +284,7 @@ def ours_epoch(root: str, name: str, batch_size: int, workers: int, device, crop
         sampler.set_epoch(epoch)
         timed.wait = 0.0
         with host_syncs(device) as syncs:
-            stats = train.train_one_epoch(compiled, model, ema, timed, BatchTransform(preprocess, augment), optimizer, scheduler,
+            stats = train.train_one_epoch(compiled, ema, timed, BatchTransform(preprocess, augment), optimizer, scheduler,
                                           scaler, criterion, epoch, args, device, dtype, channels_last, train.StopRequest(), False)
         results = {"images_per_s": stats["images_per_s"], "seconds": stats["seconds"], "data_wait_share": timed.wait / stats["seconds"],
                    "train_images": len(labels), "steps": len(timed), "cache": cache}
@@ -449,6 +449,7 @@ def save(out: dict, path: str | None) -> None:
     """Write the figures so far: a run cut short still leaves what it measured."""
     if path:
         atomic_write(path, lambda f: f.write(json.dumps(out, indent=2).encode()))
+
 
 if __name__ == "__main__":
     sys.exit(main(get_args_parser().parse_args()))

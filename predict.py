@@ -78,4 +78,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    utils.run_main(main, get_args_parser().parse_args())
+    utils.run_main(main, get_args_parser().parse_args)

@@ -28,7 +28,7 @@ from sklearn.metrics import f1_score
 from tqdm import tqdm
 
 import utils
-from dataloader import Augment, BatchTransform, DataError, Preprocess, RetinopathyLoader, atomic_write, write_csv_atomic
+from dataloader import Augment, BatchTransform, Preprocess, RetinopathyLoader, atomic_write, write_csv_atomic
 from resnet import MODELS, build_model
 
 # The recipes. "default" is this project's (README: "Why the default recipe"); "seed" is the report's.
@@ -315,7 +315,7 @@ def build_training(args: argparse.Namespace, device: torch.device, train_labels:
 # One epoch
 
 
-def train_one_epoch(model, raw_model, ema, batches, transform, optimizer, scheduler, scaler, criterion, epoch, args, device, dtype,
+def train_one_epoch(model, ema, batches, transform, optimizer, scheduler, scaler, criterion, epoch, args, device, dtype,
                     channels_last, stop: StopRequest, show: bool) -> dict:
     """Train for one epoch; returns loss, accuracy and images/s (None if stopped by a signal)."""
     model.train()
@@ -499,7 +499,7 @@ def main(args: argparse.Namespace) -> int:
         train_sampler.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
         try:
-            stats = train_one_epoch(model, raw_model, ema, train_batches, train_transform, optimizer, scheduler, scaler, criterion,
+            stats = train_one_epoch(model, ema, train_batches, train_transform, optimizer, scheduler, scaler, criterion,
                                     epoch, args, device, dtype, channels_last, stop, is_main)
             if stats is not None:
                 eval_model = ema.module if ema is not None else raw_model
@@ -557,12 +557,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     try:
-        args = parse_args()
-        code = main(args)
-    except (DataError, utils.CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 1
+        utils.run_main(main, parse_args)
     finally:
-        if dist.is_initialized():
+        if dist.is_initialized():  # under torchrun, whatever ended the run
             dist.destroy_process_group()
-    sys.exit(code)

@@ -23,10 +23,11 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used here; the message names the file and what to do."""
 
 
-def run_main(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> None:
-    """sys.exit(main(args)); a problem with the data, a checkpoint or a file ends the script with its message, no traceback."""
+def run_main(main: Callable[[argparse.Namespace], int], parse_args: Callable[[], argparse.Namespace]) -> None:
+    """sys.exit(main(parse_args())); a problem with the data, a checkpoint or a file, met while running or while
+    reading the flags (train.py's --resume reads the checkpoint), ends the script with its message, no traceback."""
     try:
-        code = main(args)
+        code = main(parse_args())
     except (DataError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         code = 1
