@@ -1,6 +1,6 @@
 """How fast this project trains, measured against references in the same run.
 
-    python benchmark.py                                   CPU: small settings, about a minute on 2 cores
+    python benchmark.py                                   CPU: small settings, about a minute and a quarter on 2 cores
     python benchmark.py --json benchmark.json             also write the figures as JSON
     python benchmark.py --preset gpu --json gpu.json      CUDA: 450 px, every model, course-sized data
 
@@ -39,7 +39,7 @@ from resnet import build_model
 # Dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s.
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "RTX 4090": 165.0, "V100": 125.0}
 PRESETS = {
-    "cpu": dict(models=["resnet18"], crop=350, image_size=64, batch_size=16, steps=40, pipeline_images=1024, train_images=256,
+    "cpu": dict(models=["resnet18"], crop=350, image_size=64, batch_size=16, steps=100, pipeline_images=1024, train_images=256,
                 rounds=3),
     "gpu": dict(models=["resnet18", "resnet50", "resnet152"], crop=None, image_size=None, batch_size=64, steps=60,
                 pipeline_images=4096, train_images=7995, rounds=1),
