@@ -268,7 +268,7 @@ def ours_epoch(root: str, name: str, batch_size: int, workers: int, device, crop
                compile_model: bool = False) -> dict:
     """One epoch of train.py's own loop with its default recipe. Returns images/s and the data-wait share."""
     argv = ["--model", name, "--data-root", root, "--batch-size", str(batch_size), "--workers", str(workers), "--cache", cache,
-            "--device", device.type, "--epochs", "1", "--print-freq", "1000000", "--crop", str(crop or 0)]
+            "--device", device.type, "--epochs", "1", "--crop", str(crop or 0)]
     argv += ["--image-size", str(size)] if size else []
     argv += ["--compile"] if compile_model else []
     args = train.parse_args(argv)
