@@ -1,6 +1,6 @@
 """How fast this project trains, measured against references in the same run.
 
-    python benchmark.py                                   CPU: small settings, about a minute and a quarter on 2 cores
+    python benchmark.py                                   CPU: small settings, about 75 s on 2 cores
     python benchmark.py --json benchmark.json             also write the figures as JSON
     python benchmark.py --preset gpu --json gpu.json      CUDA: 450 px, every model, course-sized data
 
