@@ -202,6 +202,19 @@ def getData(mode: str, root: str = "data", model: str | None = None, csv_path: s
     return paths if mode == "test" else (paths, labels)
 
 
+def check_not_empty(paths: list[str], source: str) -> None:
+    if not paths:
+        raise DataError(f"{source}: no images listed under its header. Use the CSV files handed out with the lab, unchanged.")
+
+
+def check_both_classes(labels: list[int], source: str) -> None:
+    """Training needs cells of both classes: a split with one class alone makes class weights infinite."""
+    absent = [f"{i} ({name})" for i, name in enumerate(CLASSES) if i not in labels]
+    if absent:
+        raise DataError(f"{source}: no image labelled {' or '.join(absent)}; training needs both classes. "
+                        "Use the lab's train.csv, or add cells of the missing class.")
+
+
 def check_files_exist(paths: list[str], source: str) -> None:
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
@@ -398,6 +411,7 @@ class RetinopathyLoader(Dataset):
         data = getData(mode, root, model=model, csv_path=csv_path)
         self.img_name, self.label = (data, None) if mode == "test" else data
         self.csv_path = split_csv(root, mode, model, csv_path)
+        check_not_empty(self.img_name, self.csv_path)
         check_files_exist(self.img_name, self.csv_path)
 
     def __len__(self) -> int:

@@ -16,7 +16,7 @@ from multiprocessing import Pool
 import numpy as np
 from PIL import Image
 
-from dataloader import CLASSES, IMAGE_EXTENSIONS, TEST_CSVS, DataError, read_csv, write_csv_atomic
+from dataloader import CLASSES, IMAGE_EXTENSIONS, TEST_CSVS, DataError, check_both_classes, check_not_empty, read_csv, write_csv_atomic
 
 
 def parallel_map(function, items: list, workers: int, chunksize: int) -> list:
@@ -73,6 +73,13 @@ def check_dataset(root: str, workers: int = 1) -> int:
         counts = Counter(labels or [])
         by_class = ", ".join(f"{counts[i]} {c}" for i, c in enumerate(CLASSES)) if labels is not None else "no labels"
         print(f"  {name:<20} {len(paths):>6} rows ({by_class})")
+        source = os.path.join(root, name if name.endswith(".csv") else f"{name}.csv")
+        try:
+            check_not_empty(paths, source)
+            if name == "train":
+                check_both_classes(labels, source)
+        except DataError as e:
+            problems.append(str(e))
         duplicates = [p for p, n in Counter(paths).items() if n > 1]
         if duplicates:
             problems.append(f"{name}: {len(duplicates)} paths listed twice, e.g. {duplicates[0]}")
@@ -85,7 +92,7 @@ def check_dataset(root: str, workers: int = 1) -> int:
     problems += [f"{path}: {problem}" for path, _, _, problem in results if problem]
 
     if problems:
-        print(f"{len(problems)} problems:")
+        print(f"{len(problems)} problem{'s' if len(problems) > 1 else ''}:")
         for p in problems:
             print(f"  {p}")
         return 1

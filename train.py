@@ -28,7 +28,7 @@ from sklearn.metrics import f1_score
 from tqdm import tqdm
 
 import utils
-from dataloader import Augment, BatchTransform, Preprocess, RetinopathyLoader, atomic_write, write_csv_atomic
+from dataloader import Augment, BatchTransform, Preprocess, RetinopathyLoader, atomic_write, check_both_classes, write_csv_atomic
 from resnet import MODELS, build_model
 
 # The recipes. "default" is this project's (README: "Why the default recipe"); "seed" is the report's.
@@ -197,6 +197,7 @@ def load_data(args: argparse.Namespace, preprocess: Preprocess, rank: int, world
     """Train and valid batches, iterables of (index, uint8 images, labels), the train sampler and both label lists."""
     train_set = RetinopathyLoader(args.data_root, "train", preprocess=preprocess, output="uint8")
     valid_set = RetinopathyLoader(args.data_root, "valid", preprocess=preprocess, output="uint8")
+    check_both_classes(train_set.label, train_set.csv_path)
     train_sampler = utils.EpochBatchSampler(len(train_set), args.batch_size, shuffle=True, seed=args.seed,
                                             rank=rank, world_size=world_size, drop_last=True)
     if args.class_balance == "sampler":

@@ -251,6 +251,15 @@ def test_label_outside_0_1_names_the_row(tmp_path):
         getData("train", root)
 
 
+@pytest.mark.parametrize("mode", ["train", "test"])
+def test_csv_with_a_header_and_no_rows_is_named(tmp_path, mode):
+    root = tiny_dataset(tmp_path)
+    name, header = ("train.csv", ["Path", "label"]) if mode == "train" else ("resnet_18_test.csv", ["Path"])
+    write_rows(os.path.join(root, name), header, [])
+    with pytest.raises(DataError, match=f"{name}: no images listed under its header"):
+        RetinopathyLoader(root, mode)
+
+
 def test_missing_images_are_counted_and_listed(tmp_path):
     root = tiny_dataset(tmp_path)
     for i in (1, 4):
@@ -352,3 +361,13 @@ def test_check_finds_every_planted_problem(tmp_path):
     out = result.stdout
     assert "3 problems" in out
     assert "train/3.bmp: missing" in out and "valid/1.bmp: unreadable" in out and "line 6" in out
+
+
+def test_check_finds_an_empty_split_and_a_train_set_of_one_class(tmp_path):
+    root = tiny_dataset(tmp_path)
+    write_rows(os.path.join(root, "train.csv"), ["Path", "label"], [[f"./new_dataset/train/{i}.bmp", 1] for i in range(6)])
+    write_rows(os.path.join(root, "valid.csv"), ["Path", "label"], [])
+    result = run_check(root)
+    assert result.returncode == 1
+    assert "train.csv: no image labelled 0 (hem); training needs both classes" in result.stdout
+    assert "valid.csv: no images listed under its header" in result.stdout

@@ -142,6 +142,20 @@ def test_bad_resume_inputs_get_clear_errors(demo_root, tmp_path):
     assert result.returncode == 1 and "broken.pt: not a readable PyTorch checkpoint" in result.stderr
 
 
+def test_train_set_of_one_class_is_refused_before_anything_is_written(demo_root, tmp_path):
+    data = tmp_path / "one_class"
+    data.mkdir()
+    for split in ("train", "valid"):  # the demo's images, by absolute path; train keeps its ALL cells only
+        with open(os.path.join(demo_root, f"{split}.csv")) as f:
+            rows = [(os.path.join(demo_root, r["Path"]), r["label"]) for r in csv.DictReader(f)]
+        with open(data / f"{split}.csv", "w") as f:
+            f.write("Path,label\n" + "".join(f"{p},{y}\n" for p, y in rows if split == "valid" or y == "1"))
+    result = run_train(str(data), tmp_path / "runs", "--epochs", "1", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{data / 'train.csv'}: no image labelled 0 (hem); training needs both classes" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(demo_root, tmp_path):
     flags = ["--run-name", "nan", "--scheduler", "none", "--ema", "0", "--momentum", "0"]
     run_train(demo_root, tmp_path, "--epochs", "1", *flags)
