@@ -53,14 +53,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-root", default=os.path.join("data", "bench"),
                         help="450 px dataset in the course layout; made with the demo generator if missing (default: data/bench)")
     parser.add_argument("--models", nargs="+", help="models to measure (default: from the preset)")
-    parser.add_argument("--crop", type=int, help="centre crop of the epoch measurements, 0 for the whole 450 px image (default: from the preset)")
-    parser.add_argument("--image-size", type=int, help="network input side; unset keeps the crop's side (default: from the preset)")
-    parser.add_argument("--batch-size", type=int, help="images per step (default: from the preset)")
-    parser.add_argument("--steps", type=int, help="timed train steps per model, models taking turns (default: from the preset)")
-    parser.add_argument("--rounds", type=int,
+    parser.add_argument("--crop", type=utils.non_negative_int, help="centre crop of the epoch measurements, 0 for the whole 450 px image (default: from the preset)")
+    parser.add_argument("--image-size", type=utils.positive_int, help="network input side; unset keeps the crop's side (default: from the preset)")
+    parser.add_argument("--batch-size", type=utils.positive_int, help="images per step (default: from the preset)")
+    parser.add_argument("--steps", type=utils.positive_int, help="timed train steps per model, models taking turns (default: from the preset)")
+    parser.add_argument("--rounds", type=utils.positive_int,
                         help="rounds of the pipeline and epoch measurements, taken in turns; medians compared (default: from the preset)")
-    parser.add_argument("--images", type=int, help="images for the pipeline and epoch measurements (default: from the preset)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="data-loading processes for both pipelines (default: all cores)")
+    parser.add_argument("--images", type=utils.positive_int, help="images for the pipeline and epoch measurements (default: from the preset)")
+    parser.add_argument("--workers", type=utils.non_negative_int, default=os.cpu_count() or 1, help="data-loading processes for both pipelines (default: all cores)")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if not in the built-in table")
     parser.add_argument("--skip-compile", action="store_true", help="CUDA: leave out the torch.compile epoch (a minute or two)")
     parser.add_argument("--json", help="write the figures to this JSON file, after each part")

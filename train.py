@@ -63,28 +63,28 @@ def get_args_parser(add_help: bool = True, suppress_defaults: bool = False) -> a
     add("--recipe", choices=list(RECIPES), default="default", help="hyper-parameter set that unset flags come from (default: default)")
     add("--demo", action="store_true", default=False, help="make data/demo if missing and train resnet18 on it at 64 px")
     add("--data-root", default="data", help="dataset folder with train.csv and valid.csv (default: data)")
-    add("--epochs", type=int, default=None, help=f"total epochs to train {recipe}")
-    add("--batch-size", type=int, default=None, help=f"images per step, per process {recipe}")
+    add("--epochs", type=utils.positive_int, default=None, help=f"total epochs to train {recipe}")
+    add("--batch-size", type=utils.positive_int, default=None, help=f"images per step, per process {recipe}")
     add("--lr", type=float, default=None, help=f"peak learning rate {recipe}")
     add("--optimizer", choices=["sgd", "adam", "adamw"], default=None, help=f"optimizer {recipe}")
     add("--momentum", type=float, default=None, help=f"SGD momentum, Nesterov when > 0 {recipe}")
     add("--weight-decay", type=float, default=None, help=f"weight decay, not applied to norms and biases {recipe}")
     add("--scheduler", choices=["cosine", "step", "plateau", "none"], default=None, help=f"learning-rate schedule {recipe}")
     add("--warmup-epochs", type=float, default=None, help=f"linear warm-up epochs before the schedule {recipe}")
-    add("--lr-step", type=int, default=30, help="epochs between x0.1 decays with --scheduler step (default: 30)")
+    add("--lr-step", type=utils.positive_int, default=30, help="epochs between x0.1 decays with --scheduler step (default: 30)")
     add("--label-smoothing", type=float, default=None, help=f"cross-entropy label smoothing {recipe}")
     add("--class-balance", choices=["loss", "sampler", "none"], default=None,
         help=f"counter the 68/32 ALL/hem split: inverse-frequency loss weights, or a balanced sampler {recipe}")
     add("--ema", type=float, default=None, help=f"decay of an exponential moving average of the weights, 0 for none {recipe}")
-    add("--crop", type=int, default=None, help=f"side of the centre square kept from each image, px; 0 keeps it whole {recipe}")
-    add("--image-size", type=int, default=None, help=f"side the crop is resized to, px; unset keeps the crop's side {recipe}")
+    add("--crop", type=utils.non_negative_int, default=None, help=f"side of the centre square kept from each image, px; 0 keeps it whole {recipe}")
+    add("--image-size", type=utils.positive_int, default=None, help=f"side the crop is resized to, px; unset keeps the crop's side {recipe}")
     add("--hflip", action=argparse.BooleanOptionalAction, default=None, help=f"random horizontal flips {recipe}")
     add("--vflip", action=argparse.BooleanOptionalAction, default=None, help=f"random vertical flips {recipe}")
     add("--rotation", type=float, default=None, help=f"random rotation range in degrees, +/- {recipe}")
     add("--scale-jitter", type=float, default=None, help=f"random zoom in [1 - s, 1 + s] {recipe}")
     add("--color-jitter", type=float, default=None, help=f"random per-channel stain and brightness gain in [1 - c, 1 + c] {recipe}")
     add("--best-metric", choices=["acc", "f1"], default="acc", help="what best.pt keeps the best of: valid accuracy or weighted F1 (default: acc)")
-    add("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading processes per GPU (default: min(8, cores))")
+    add("--workers", type=utils.non_negative_int, default=min(8, os.cpu_count() or 1), help="data-loading processes per GPU (default: min(8, cores))")
     add("--cache", choices=["none", "ram", "gpu"], default="none",
         help="decode the dataset once and keep it as uint8 in RAM or on the GPU (default: none)")
     add("--seed", type=int, default=0, help="seed of weights, shuffling and augmentation (default: 0)")
@@ -98,7 +98,7 @@ def get_args_parser(add_help: bool = True, suppress_defaults: bool = False) -> a
     add("--run-name", default=None, help="run folder name under --output-dir (default: the model name)")
     add("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
         help="continue the run from its last.pt, or from the checkpoint given")
-    add("--print-freq", type=int, default=50, help="steps between progress updates (default: 50)")
+    add("--print-freq", type=utils.positive_int, default=50, help="steps between progress updates (default: 50)")
     return parser
 
 

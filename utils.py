@@ -34,6 +34,22 @@ def run_main(main: Callable[[argparse.Namespace], int], parse_args: Callable[[],
     sys.exit(code)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a batch size, a count of epochs)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a whole number of at least 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: a whole number of at least 0 (--workers 0 loads in the main process)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a whole number of at least 0 (0 loads the data in the main process)")
+    return value
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Devices and precision
 

@@ -238,6 +238,18 @@ def test_every_flag_has_help():
         assert action.help, action.dest
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--workers", "-1"], "argument --workers: -1 is not a whole number of at least 0"),
+    (["--batch-size", "0"], "argument --batch-size: 0 is not a whole number of at least 1"),
+    (["--print-freq", "0"], "argument --print-freq: 0 is not a whole number of at least 1"),
+])
+def test_counts_out_of_range_are_refused_by_the_flag_parser(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(flags)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert train.parse_args(["--workers", "0", "--crop", "0"]).workers == 0
+
+
 def test_epoch_sampler_shards_without_overlap_and_depends_only_on_epoch():
     a = utils.EpochBatchSampler(10, 3, shuffle=True, seed=1, rank=0, world_size=2)
     b = utils.EpochBatchSampler(10, 3, shuffle=True, seed=1, rank=1, world_size=2)
