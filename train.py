@@ -7,7 +7,8 @@
     torchrun --nproc_per_node=4 train.py --model resnet152
 
 A run lives in checkpoints/<run-name>/: last.pt (every epoch), best.pt (best valid accuracy or weighted F1),
-history.csv and args.json. Checkpoints are written atomically and hold everything needed to resume exactly.
+history.csv and args.json. Checkpoints are written atomically and hold everything needed to resume exactly;
+a new run refuses a folder that already holds one.
 """
 from __future__ import annotations
 
@@ -404,6 +405,17 @@ def write_history(path: str, history: list[dict]) -> None:
     write_csv_atomic(path, columns, [[row[c] for c in columns] for row in history])
 
 
+def check_run_dir_is_free(args: argparse.Namespace) -> None:
+    """A new run must not take the folder of an earlier one: its first epoch would overwrite that run's last.pt
+    and best.pt, days of training perhaps."""
+    last = os.path.join(run_dir(args), "last.pt")
+    if not args.resume and os.path.exists(last):
+        raise utils.CheckpointError(
+            f"{last} exists: {run_dir(args)} holds an earlier run. Continue it with\n"
+            f"  python train.py --run-name {args.run_name} --output-dir {args.output_dir} --resume\n"
+            "or start a new one with another --run-name (or delete that folder to start it over)")
+
+
 def resume_checkpoint_path(args: argparse.Namespace) -> str:
     return os.path.join(run_dir(args), "last.pt") if args.resume == "last" else args.resume
 
@@ -437,6 +449,7 @@ def merge_resumed_args(args: argparse.Namespace, explicit: set[str]) -> argparse
 def main(args: argparse.Namespace) -> int:
     rank, world_size, device = setup_distributed(args)
     args.rank, args.world_size = rank, world_size
+    check_run_dir_is_free(args)
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
     seed_everything(args.seed, args.deterministic)

@@ -123,6 +123,10 @@ def test_bad_resume_inputs_get_clear_errors(demo_root, tmp_path):
     assert result.returncode == 1 and "no such checkpoint" in result.stderr
 
     run_train(demo_root, tmp_path, "--epochs", "1", "--run-name", "r18")
+    before = {f: (tmp_path / "r18" / f).read_bytes() for f in ("last.pt", "best.pt", "args.json", "history.csv")}
+    result = run_train(demo_root, tmp_path, "--epochs", "1", "--run-name", "r18", "--lr", "0.1", check=False)
+    assert result.returncode == 1 and "r18 holds an earlier run" in result.stderr and "--run-name r18" in result.stderr
+    assert {f: (tmp_path / "r18" / f).read_bytes() for f in before} == before
     result = run_train(demo_root, tmp_path, "--model", "resnet50", "--run-name", "r18", "--resume", check=False)
     assert result.returncode == 1 and "is a resnet18 run, not resnet50" in result.stderr
     result = run_train(demo_root, tmp_path, "--run-name", "r18", "--resume", "--optimizer", "adam", check=False)
