@@ -43,10 +43,10 @@ def positive_int(text: str) -> int:
 
 
 def non_negative_int(text: str) -> int:
-    """An argparse type: a whole number of at least 0 (--workers 0 loads in the main process)."""
+    """An argparse type: a whole number of at least 0 (--workers, where 0 loads the data in the main process)."""
     value = int(text)
     if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is not a whole number of at least 0 (0 loads the data in the main process)")
+        raise argparse.ArgumentTypeError(f"{value} is not a whole number of at least 0")
     return value
 
 
