@@ -295,6 +295,23 @@ class EMA:
             torch._foreach_copy_(*self.copied)
 
 
+class CrossEntropy(torch.nn.Module):
+    """torch.nn.CrossEntropyLoss(weight, label_smoothing), mean over the batch, without its host sync.
+
+    With label smoothing PyTorch's mean goes through masked_select, whose output size makes the host wait for
+    the GPU at every step. Here each image's loss is summed and divided by the weight of its class instead.
+    """
+
+    def __init__(self, weight: torch.Tensor | None = None, label_smoothing: float = 0.0):
+        super().__init__()
+        self.weight, self.label_smoothing = weight, label_smoothing
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        losses = torch.nn.functional.cross_entropy(logits, target, weight=self.weight, label_smoothing=self.label_smoothing,
+                                                   reduction="none")
+        return losses.mean() if self.weight is None else losses.sum() / self.weight[target].sum()
+
+
 def build_training(args: argparse.Namespace, device: torch.device, train_labels: list[int], steps_per_epoch: int):
     """The network and what trains it, from the run's flags: (model, channels_last, autocast dtype, optimizer,
     scheduler, grad scaler, EMA or None, loss). benchmark.py times an epoch from the same pieces."""
@@ -309,7 +326,7 @@ def build_training(args: argparse.Namespace, device: torch.device, train_labels:
     ema = EMA(model, args.ema) if args.ema > 0 else None
     counts = torch.bincount(torch.tensor(train_labels), minlength=2).float()
     weight = (counts.sum() / (2 * counts)).to(device) if args.class_balance == "loss" else None
-    criterion = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=args.label_smoothing)
+    criterion = CrossEntropy(weight, args.label_smoothing)
     return model, channels_last, dtype, optimizer, scheduler, scaler, ema, criterion
 
 
@@ -346,11 +363,12 @@ def train_one_epoch(model, ema, batches, transform, optimizer, scheduler, scaler
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
         if (step + 1) % args.print_freq == 0 or step + 1 == steps:
-            mean_loss = loss_sum.item() / seen  # the only host sync, every print_freq steps
+            loss_total, correct_total = torch.stack([loss_sum, correct.float()]).tolist()  # the only host sync
+            mean_loss = loss_total / seen
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(f"loss became {mean_loss} at epoch {epoch + 1}, step {step + 1}")
             rate = seen * args.world_size / (time.perf_counter() - start)
-            stats = dict(loss=f"{mean_loss:.4f}", acc=f"{correct.item() / seen:.4f}", img_s=f"{rate:.0f}")
+            stats = dict(loss=f"{mean_loss:.4f}", acc=f"{correct_total / seen:.4f}", img_s=f"{rate:.0f}")
             bar.set_postfix(stats, refresh=False)
             if show and bar.disable:
                 print(f"  epoch {epoch + 1} step {step + 1}/{steps} " + " ".join(f"{k} {v}" for k, v in stats.items()), flush=True)
@@ -359,12 +377,13 @@ def train_one_epoch(model, ema, batches, transform, optimizer, scheduler, scaler
             bar.close()
             return None
     bar.close()
-    totals = torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=device)])
+    totals = torch.stack([loss_sum, correct.float(), torch.full((), float(seen), device=device)])
     if args.world_size > 1:
         dist.all_reduce(totals)
+    loss_total, correct_total, seen_total = totals.tolist()
     seconds = time.perf_counter() - start
-    return {"train_loss": totals[0].item() / totals[2].item(), "train_acc": totals[1].item() / totals[2].item(),
-            "images_per_s": totals[2].item() / seconds, "seconds": seconds}
+    return {"train_loss": loss_total / seen_total, "train_acc": correct_total / seen_total, "images_per_s": seen_total / seconds,
+            "seconds": seconds}
 
 
 def evaluate(model, batches, transform, criterion, labels: list[int], args, device, dtype, channels_last) -> dict:

@@ -274,6 +274,18 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert all(x >= y for x, y in zip(f[10:], f[11:]))
 
 
+@pytest.mark.parametrize("weight", [None, torch.tensor([2.5, 0.625])])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_loss_matches_pytorchs_cross_entropy(weight, smoothing):
+    torch.manual_seed(0)
+    logits = torch.randn(16, 2, requires_grad=True)
+    target = torch.randint(0, 2, (16,))
+    ours = train.CrossEntropy(weight, smoothing)(logits, target)
+    theirs = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=smoothing)(logits, target)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(*(torch.autograd.grad(loss, logits)[0] for loss in (ours, theirs)))
+
+
 def test_ema_tracks_weights_and_batchnorm_statistics():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     ema = train.EMA(model, decay=0.5)
