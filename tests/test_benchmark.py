@@ -47,3 +47,28 @@ def test_cuda_section_runs_and_its_figures_add_up(demo_root, tmp_path):
     assert abs(summary["resnet152_200_epochs_minutes"] - 200 * 48 / r152["images_per_s"] / 60) < 1e-9
     saved = json.loads((tmp_path / "gpu.json").read_text())
     assert saved["resnet152_200_epochs_minutes"] == summary["resnet152_200_epochs_minutes"]
+
+
+def test_cuda_data_wait_is_the_gpu_time_between_the_events_around_each_wait(monkeypatch):
+    import pytest
+    import torch
+
+    import benchmark
+
+    class GpuEvent:  # when the GPU reached the event, in ms
+        def __init__(self, ms):
+            self.ms = ms
+
+        def elapsed_time(self, end):
+            return end.ms - self.ms
+
+    # Before and after each of three waits, then before the one that ends the epoch: the GPU idled 5 ms during
+    # the first wait, not at all during the second (still busy with earlier steps), 3.5 ms during the third.
+    reached = iter([0.0, 5.0, 7.0, 7.0, 20.0, 23.5, 30.0])
+    timed = benchmark.TimedBatches(["a", "b", "c"], torch.device("cpu"))
+    timed.cuda = True
+    monkeypatch.setattr(timed, "event", lambda: GpuEvent(next(reached)))
+    assert list(timed) == ["a", "b", "c"]
+    assert timed.device_wait() == pytest.approx(8.5e-3)
+    timed.reset()
+    assert timed.device_wait() == 0 and timed.host_wait == 0
