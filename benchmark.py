@@ -17,6 +17,7 @@ with --cache gpu; the estimated time of 200 ResNet152 epochs on the course data;
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -311,13 +312,14 @@ def ours_epoch(root: str, name: str, batch_size: int, workers: int, device, crop
                    "data_wait_share": timed.device_wait() / stats["seconds"], "host_wait_share": timed.host_wait / stats["seconds"],
                    "train_images": len(labels), "steps": len(timed), "cache": cache}
         if device.type == "cuda":
-            results["host_syncs"] = len(syncs)
+            results["host_syncs"], results["host_sync_sites"] = len(syncs), dict(collections.Counter(syncs))
     return results
 
 
 @contextlib.contextmanager
 def host_syncs(device):
-    """The times the host waits for the GPU inside the block, as CUDA's sync debug mode reports them."""
+    """Where the host waited for the GPU inside the block (file:line, once per wait), as CUDA's sync debug mode
+    reports it."""
     found: list[str] = []
     if device.type != "cuda":
         yield found
@@ -329,7 +331,7 @@ def host_syncs(device):
             yield found
         finally:
             torch.cuda.set_sync_debug_mode("default")
-            found.extend(str(w.message) for w in caught if "synchroniz" in str(w.message))
+            found.extend(f"{os.path.basename(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
 
 
 # ----------------------------------------------------------------------------------------------------------
