@@ -11,8 +11,9 @@ Every figure is a ratio where above 1 means this project is faster, measured in 
                         normalised float batch on the training device
   epoch_vs_report       one training epoch of train.py against a report-style loop (fp32, NCHW, PIL, .item())
 On CUDA also: images/s and the share of the GPU's bf16 peak per model; the share of step time the GPU
-spends waiting for data and the host syncs per step, in an epoch with workers decoding (train.py's default) and one
-with --cache gpu; the estimated time of 200 ResNet152 epochs on the course data; and what --compile gains.
+spends waiting for data and the host syncs per step, in an epoch with workers decoding (train.py's default)
+and one with --cache gpu; the estimated time of 200 ResNet152 epochs on the course data; and what --compile
+gains.
 """
 from __future__ import annotations
 
