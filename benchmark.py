@@ -64,7 +64,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", type=utils.positive_int, help="images for the pipeline and epoch measurements (default: from the preset)")
     parser.add_argument("--workers", type=utils.non_negative_int, default=os.cpu_count() or 1, help="data-loading processes for both pipelines (default: all cores)")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if not in the built-in table")
-    parser.add_argument("--skip-compile", action="store_true", help="CUDA: leave out the torch.compile epoch (a minute or two)")
+    parser.add_argument("--skip-compile", action="store_true", help="CUDA: leave out the torch.compile epoch (its first epoch compiles the model)")
     parser.add_argument("--json", help="write the figures to this JSON file, after each part")
     return parser
 
