@@ -310,18 +310,18 @@ class BatchTransform:
         def sign(enabled: bool) -> torch.Tensor:
             return torch.where(uniform(0, 1) < 0.5, -1.0, 1.0) if enabled else torch.ones(n)
 
-        grid = None
+        matrices = None
         if a.hflip or a.vflip or a.rotation or a.scale != (1.0, 1.0):
             angle = uniform(-a.rotation, a.rotation).mul_(math.pi / 180)
             zoom = 1 / uniform(*a.scale)
             sx, sy = sign(a.hflip) * zoom, sign(a.vflip) * zoom
             cos, sin = torch.cos(angle), torch.sin(angle)
-            grid = grid_matrix(torch.stack([cos * sx, -sin * sy, sin * sx, cos * sy], 1).view(n, 2, 2), h, w)
+            matrices = grid_matrix(torch.stack([cos * sx, -sin * sy, sin * sx, cos * sy], 1).view(n, 2, 2), h, w)
         gain = uniform(1 - a.stain, 1 + a.stain, 3) * uniform(1 - a.brightness, 1 + a.brightness, 1)
         std = torch.tensor(self.preprocess.std)
         scale, bias = gain / (255 * std), (-torch.tensor(self.preprocess.mean) / std).view(1, c, 1, 1)
-        if grid is not None:
-            grid = to_device(grid, x.device)
+        if matrices is not None:
+            matrices = to_device(matrices, x.device)
         scale, bias = to_device(scale, x.device), to_device(bias, x.device)
         # A row of pixels is w * c numbers: per-channel factors repeated along it let the multiply run over
         # long contiguous rows instead of triples (several times faster on a CPU).
@@ -336,8 +336,8 @@ class BatchTransform:
             part = floats[: min(step, n - s)].copy_(x[s : s + step])
             part.view(-1, h, w * c).mul_(scale_rows[s : s + step])
             part = part.permute(0, 3, 1, 2)
-            if grid is not None:
-                part = sample_nearest(part, grid[s : s + step])
+            if matrices is not None:
+                part = sample_nearest(part, matrices[s : s + step])
             torch.add(part, bias, out=out[s : s + step])
         return out
 
