@@ -568,8 +568,11 @@ def main(args: argparse.Namespace) -> int:
 
     if stop.signal:
         done = history[-1]["epoch"] if history else start_epoch
-        log(f"\nstopped by {stop.signal} after epoch {done}: {os.path.join(out, 'last.pt')} holds it. Continue with:\n"
-            f"  python train.py --run-name {args.run_name} --output-dir {args.output_dir} --resume")
+        if done == 0:
+            log(f"\nstopped by {stop.signal} during the first epoch, before any checkpoint: start the run again with the same command")
+        else:
+            log(f"\nstopped by {stop.signal} after epoch {done}: {os.path.join(out, 'last.pt')} holds it. Continue with:\n"
+                f"  python train.py --run-name {args.run_name} --output-dir {args.output_dir} --resume")
         return 130 if stop.signal == "SIGINT" else 143
     log(f"done: best valid {args.best_metric} {best['value']:.4f} at epoch {best['epoch']}; run folder {out}")
     best_pt = os.path.join(out, "best.pt")

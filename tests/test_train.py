@@ -118,6 +118,23 @@ def test_a_signal_to_the_process_group_stops_cleanly_and_says_how_to_resume(demo
     assert last["epoch"] == len(read_history(history)) >= 1
 
 
+def test_a_signal_in_the_first_epoch_says_to_start_again_not_to_resume(demo_root, tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data-root", demo_root, "--output-dir", str(tmp_path), *TINY,
+           "--epochs", "50", "--run-name", "early"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    for line in proc.stdout:  # the first progress line: inside the first epoch
+        lines.append(line)
+        if "epoch 1 step" in line:
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    out = "".join(lines) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, out
+    assert "stopped by SIGINT during the first epoch" in out and "--resume" not in out and "Traceback" not in out
+    assert not (tmp_path / "early" / "last.pt").exists()
+    run_train(demo_root, tmp_path, "--epochs", "1", "--run-name", "early")  # the same run starts again
+
+
 def test_bad_resume_inputs_get_clear_errors(demo_root, tmp_path):
     result = run_train(demo_root, tmp_path, "--run-name", "nothing", "--resume", check=False)
     assert result.returncode == 1 and "no such checkpoint" in result.stderr
