@@ -195,7 +195,11 @@ def transforms_from_args(args: argparse.Namespace) -> tuple[Preprocess, Augment]
 
 
 def load_data(args: argparse.Namespace, preprocess: Preprocess, rank: int, world_size: int, device: torch.device):
-    """Train and valid batches, iterables of (index, uint8 images, labels), the train sampler and both label lists."""
+    """Train and valid batches, iterables of (index, uint8 images, labels), the train sampler and both label lists.
+
+    The train batches are one stream through every epoch (utils.EpochStream), starting at the train sampler's
+    epoch: set it before the first epoch when a run resumes.
+    """
     train_set = RetinopathyLoader(args.data_root, "train", preprocess=preprocess, output="uint8")
     valid_set = RetinopathyLoader(args.data_root, "valid", preprocess=preprocess, output="uint8")
     check_both_classes(train_set.label, train_set.csv_path)
@@ -204,14 +208,15 @@ def load_data(args: argparse.Namespace, preprocess: Preprocess, rank: int, world
     if args.class_balance == "sampler":
         train_sampler = BalancedBatchSampler(train_set.label, train_sampler)
     valid_sampler = utils.EpochBatchSampler(len(valid_set), args.batch_size * 2, shuffle=False, rank=rank, world_size=world_size)
-    pin = device.type == "cuda"
+    run_sampler, pin = utils.RunBatchSampler(train_sampler, args.epochs), device.type == "cuda"
     if args.cache == "none":
-        train_batches = utils.make_loader(train_set, train_sampler, args.workers, pin)
+        train_batches = utils.make_loader(train_set, run_sampler, args.workers, pin)
         valid_batches = utils.make_loader(valid_set, valid_sampler, args.workers, pin)
     else:
         cache_device = device if args.cache == "gpu" else torch.device("cpu")
-        train_batches = utils.CachedBatches(train_set, train_sampler, args.workers, cache_device, pin)
+        train_batches = utils.CachedBatches(train_set, run_sampler, args.workers, cache_device, pin)
         valid_batches = utils.CachedBatches(valid_set, valid_sampler, args.workers, cache_device, pin)
+    train_batches = utils.EpochStream(train_batches, len(train_sampler))
     return train_batches, valid_batches, train_sampler, train_set.label, valid_set.label
 
 
@@ -528,8 +533,8 @@ def main(args: argparse.Namespace) -> int:
         f"{len(valid_labels)} valid; "
         f"{len(train_batches)} steps of {args.batch_size} x {world_size} per epoch; run folder {out}")
 
+    train_sampler.set_epoch(start_epoch)  # the train batches go on from there, epoch after epoch
     for epoch in range(start_epoch, args.epochs):
-        train_sampler.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
         try:
             stats = train_one_epoch(model, ema, train_batches, train_transform, optimizer, scheduler, scaler, criterion,

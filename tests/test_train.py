@@ -284,6 +284,41 @@ def test_epoch_sampler_shards_without_overlap_and_depends_only_on_epoch():
     assert sorted(sum(valid, [])) == list(range(7))
 
 
+class FetchLog(torch.utils.data.Dataset):
+    """Tiny images whose workers append each index they fetch to a file."""
+
+    def __init__(self, n, log):
+        self.n, self.log = n, log
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        with open(self.log, "a") as f:
+            f.write(f"{i}\n")
+        return torch.full((2, 2, 3), i, dtype=torch.uint8), i % 2
+
+
+def test_epoch_stream_gives_each_epoch_in_order_and_decodes_the_next_one_ahead(tmp_path):
+    log = tmp_path / "fetched.txt"
+    sampler = utils.EpochBatchSampler(8, 3, shuffle=True, seed=2, drop_last=True)
+    sampler.set_epoch(1)  # a run resumed after its first epoch
+    loader = utils.make_loader(FetchLog(8, log), utils.RunBatchSampler(sampler, 4), workers=1, pin_memory=False)
+    stream = utils.EpochStream(loader, len(sampler))
+    first = [batch[0].tolist() for batch in stream]
+    assert len(first) == len(stream) == 2
+    deadline = time.monotonic() + 60
+    while len(log.read_text().split()) <= 6 and time.monotonic() < deadline:  # 2 batches of 3 taken
+        time.sleep(0.05)
+    assert len(log.read_text().split()) > 6, "the worker waited for the next epoch to be asked for"
+    later = [[batch[0].tolist() for batch in stream] for _ in range(3)]
+    assert later[2] == []  # the run ends after epoch 3 (0-based)
+    for epoch, batches in zip((1, 2, 3), [first, *later[:2]]):
+        expected = utils.EpochBatchSampler(8, 3, shuffle=True, seed=2, drop_last=True)
+        expected.set_epoch(epoch)
+        assert batches == list(expected)
+
+
 def test_lr_schedule_warms_up_then_decays_to_zero():
     args = train.parse_args(["--epochs", "10", "--warmup-epochs", "2"])
     f = [train.lr_factor(s, 5, args) for s in range(50)]
