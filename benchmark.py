@@ -42,9 +42,9 @@ from resnet import build_model
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "RTX 4090": 165.0, "V100": 125.0}
 PRESETS = {
     "cpu": dict(models=["resnet18"], crop=350, image_size=64, batch_size=16, steps=100, pipeline_images=1024, train_images=256,
-                rounds=3),
+                rounds=3, epochs=1),
     "gpu": dict(models=["resnet18", "resnet50", "resnet152"], crop=None, image_size=None, batch_size=64, steps=60,
-                pipeline_images=4096, train_images=7995, rounds=1),
+                pipeline_images=4096, train_images=7995, rounds=1, epochs=2),
 }
 
 
@@ -62,6 +62,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=utils.positive_int,
                         help="rounds of the pipeline and epoch measurements, taken in turns; medians compared (default: from the preset)")
     parser.add_argument("--images", type=utils.positive_int, help="images for the pipeline and epoch measurements (default: from the preset)")
+    parser.add_argument("--epochs", type=utils.positive_int,
+                        help="epochs of train.py in each epoch measurement, the last one timed; the report-style loop runs one "
+                             "(default: from the preset)")
     parser.add_argument("--workers", type=utils.non_negative_int, default=os.cpu_count() or 1, help="data-loading processes for both pipelines (default: all cores)")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if not in the built-in table")
     parser.add_argument("--skip-compile", action="store_true", help="CUDA: leave out the torch.compile epoch (its first epoch compiles the model)")
@@ -258,7 +261,7 @@ class TimedBatches:
         self.reset()
 
     def reset(self) -> None:
-        self.host_wait, self.events = 0.0, []
+        self.host_waits, self.events = [], []
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -271,7 +274,7 @@ class TimedBatches:
                 batch = next(it)
             except StopIteration:
                 return
-            self.host_wait += time.perf_counter() - start
+            self.host_waits.append(time.perf_counter() - start)
             self.events.append((before, self.event()))
             yield batch
 
@@ -282,37 +285,38 @@ class TimedBatches:
         event.record()
         return event
 
-    def device_wait(self) -> float:
-        """Seconds the device waited for batches; call once it has finished."""
-        return sum(before.elapsed_time(after) for before, after in self.events) / 1e3 if self.cuda else self.host_wait
+    def device_waits(self) -> list[float]:
+        """Seconds the device waited for each batch; call once it has finished."""
+        return [before.elapsed_time(after) / 1e3 for before, after in self.events] if self.cuda else self.host_waits
 
 
 def ours_epoch(root: str, name: str, batch_size: int, workers: int, device, crop: int | None, size: int | None, cache: str,
-               compile_model: bool = False) -> dict:
-    """One epoch of train.py's own loop with its default recipe. Returns images/s and the data-wait share."""
+               epochs: int, compile_model: bool = False) -> dict:
+    """The last of `epochs` epochs of train.py's own loop with its default recipe (the first warms up cuDNN, the
+    cache and the compiler). Returns images/s and the data wait."""
     argv = ["--model", name, "--data-root", root, "--batch-size", str(batch_size), "--workers", str(workers), "--cache", cache,
-            "--device", device.type, "--epochs", "1", "--crop", str(crop or 0)]
+            "--device", device.type, "--epochs", str(epochs), "--crop", str(crop or 0)]
     argv += ["--image-size", str(size)] if size else []
     argv += ["--compile"] if compile_model else []
     args = train.parse_args(argv)
     args.rank, args.world_size = 0, 1
     train.seed_everything(args.seed, False)
     preprocess, augment = train.transforms_from_args(args)
-    train_batches, _, sampler, labels, _ = train.load_data(args, preprocess, 0, 1, device)
+    train_batches, _, _, labels, _ = train.load_data(args, preprocess, 0, 1, device)
     model, channels_last, dtype, optimizer, scheduler, scaler, ema, criterion = train.build_training(args, device, labels, len(train_batches))
     compiled = torch.compile(model) if compile_model else model
     timed = TimedBatches(train_batches, device)
     results, first_epoch_seconds = {}, None
-    for epoch in range(2 if device.type == "cuda" else 1):  # on CUDA the first epoch warms up cudnn and the cache
-        sampler.set_epoch(epoch)
+    for epoch in range(epochs):
         timed.reset()
         with host_syncs(device) as syncs:
             stats = train.train_one_epoch(compiled, ema, timed, BatchTransform(preprocess, augment), optimizer, scheduler,
                                           scaler, criterion, epoch, args, device, dtype, channels_last, train.StopRequest(), False)
         first_epoch_seconds = first_epoch_seconds or stats["seconds"]  # with --compile, the compilation's too
+        waits = timed.device_waits()
         results = {"images_per_s": stats["images_per_s"], "seconds": stats["seconds"], "first_epoch_seconds": first_epoch_seconds,
-                   "data_wait_share": timed.device_wait() / stats["seconds"], "host_wait_share": timed.host_wait / stats["seconds"],
-                   "train_images": len(labels), "steps": len(timed), "cache": cache}
+                   "data_wait_share": sum(waits) / stats["seconds"], "host_wait_share": sum(timed.host_waits) / stats["seconds"],
+                   "first_batch_wait_seconds": waits[0], "train_images": len(labels), "steps": len(timed), "cache": cache}
         if device.type == "cuda":
             results["host_syncs"], results["host_sync_sites"] = len(syncs), dict(collections.Counter(syncs))
     return results
@@ -368,17 +372,21 @@ def median_note(cfg: dict) -> str:
 
 
 def wait_note(epoch: dict) -> str:
-    """The device's data wait; on CUDA also the host's, which mostly overlaps GPU work, and the host syncs."""
+    """The device's data wait and how much of it the first batch took; on CUDA also the host's wait, which mostly
+    overlaps GPU work, and the host syncs."""
     note = f"data wait {epoch['data_wait_share']:.1%}"
     if "host_syncs" in epoch:
-        note += f" (the host's {epoch['host_wait_share']:.1%}), {epoch['host_syncs']} host syncs in {epoch['steps']} steps"
+        note += f" (the host's {epoch['host_wait_share']:.1%})"
+    note += f", {epoch['first_batch_wait_seconds'] * 1e3:.0f} ms of it for the first batch"
+    if "host_syncs" in epoch:
+        note += f", {epoch['host_syncs']} host syncs in {epoch['steps']} steps"
     return note
 
 
 def main(args: argparse.Namespace) -> int:
     device = utils.resolve_device(args.device)
     cfg = dict(PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")])
-    for k in ("models", "crop", "image_size", "batch_size", "steps", "rounds"):
+    for k in ("models", "crop", "image_size", "batch_size", "steps", "rounds", "epochs"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
     if args.images:
@@ -407,7 +415,8 @@ def main(args: argparse.Namespace) -> int:
     epoch_model = "resnet50" if device.type == "cuda" else cfg["models"][0]
     runs = []
     for _ in range(cfg["rounds"]):  # in turns, so that whatever else the machine does slows both alike
-        runs.append((ours_epoch(root, epoch_model, cfg["batch_size"], args.workers, device, cfg["crop"], cfg["image_size"], "none"),
+        runs.append((ours_epoch(root, epoch_model, cfg["batch_size"], args.workers, device, cfg["crop"], cfg["image_size"], "none",
+                                cfg["epochs"]),
                      report_epoch(root, epoch_model, cfg["batch_size"], args.workers, device, cfg["crop"], cfg["image_size"])))
     ours = sorted((o for o, _ in runs), key=lambda o: o["images_per_s"])[len(runs) // 2]
     theirs = statistics.median(t for _, t in runs)
@@ -417,7 +426,7 @@ def main(args: argparse.Namespace) -> int:
           f"report-style loop {theirs:.0f} img/s, ratio {out['epoch']['ratio']:.2f}{median_note(cfg)}")
     if device.type == "cuda":
         cached = out["epoch"]["ours_cache_gpu"] = ours_epoch(root, epoch_model, cfg["batch_size"], args.workers, device, cfg["crop"],
-                                                             cfg["image_size"], "gpu")
+                                                             cfg["image_size"], "gpu", cfg["epochs"])
         print(f"3. the same with --cache gpu: {cached['images_per_s']:.0f} img/s ({wait_note(cached)}), ratio {cached['images_per_s'] / theirs:.2f}")
 
     summary = {"model_vs_torchvision": min(r["ratio"] for r in out["model_comparison"].values()), "pipeline_vs_report": p["ratio"],
@@ -451,13 +460,14 @@ def cuda_figures(out: dict, root: str, cfg: dict, args: argparse.Namespace, devi
     save({**out, **summary}, args.json)
     if "resnet18" in cfg["models"]:  # the fastest network asks the most of the decoding workers
         r18 = out["resnet18_epoch"] = ours_epoch(root, "resnet18", cfg["batch_size"], args.workers, device, cfg["crop"],
-                                                 cfg["image_size"], "none")
+                                                 cfg["image_size"], "none", cfg["epochs"])
         summary["data_wait_share_resnet18"] = r18["data_wait_share"]
         print(f"4. resnet18 epoch at {input_side(cfg)} px, workers decoding: {r18['images_per_s']:.0f} img/s, "
               f"{wait_note(r18)}")
         save({**out, **summary}, args.json)
     if "resnet152" in cfg["models"]:
-        r152 = out["resnet152_epoch"] = ours_epoch(root, "resnet152", cfg["batch_size"], args.workers, device, 350, cfg["image_size"], "gpu")
+        r152 = out["resnet152_epoch"] = ours_epoch(root, "resnet152", cfg["batch_size"], args.workers, device, 350, cfg["image_size"], "gpu",
+                                                   cfg["epochs"])
         summary["resnet152_200_epochs_minutes"] = 200 * r152["train_images"] / r152["images_per_s"] / 60
         print(f"4. resnet152 at the default 350 px crop: one epoch of {r152['train_images']} images at {r152['images_per_s']:.0f} img/s "
               f"({wait_note(r152)}): 200 epochs in about {summary['resnet152_200_epochs_minutes']:.0f} minutes "
@@ -466,7 +476,7 @@ def cuda_figures(out: dict, root: str, cfg: dict, args: argparse.Namespace, devi
     if not args.skip_compile:
         name, cached = out["epoch"]["model"], out["epoch"]["ours_cache_gpu"]
         compiled = out["epoch"]["ours_compiled"] = ours_epoch(root, name, cfg["batch_size"], args.workers, device, cfg["crop"],
-                                                              cfg["image_size"], "gpu", compile_model=True)
+                                                              cfg["image_size"], "gpu", cfg["epochs"], compile_model=True)
         summary["compile_speedup"] = compiled["images_per_s"] / cached["images_per_s"]
         summary["epoch_vs_report_compiled"] = compiled["images_per_s"] / out["epoch"]["report_images_per_s"]
         print(f"4. {name} with --compile (and --cache gpu): {compiled['images_per_s']:.0f} img/s after its first epoch "
