@@ -537,11 +537,12 @@ def main(args: argparse.Namespace) -> int:
     for epoch in range(start_epoch, args.epochs):
         lr = optimizer.param_groups[0]["lr"]
         try:
+            valid_ahead = iter(valid_batches)  # its workers decode the valid set while this epoch trains
             stats = train_one_epoch(model, ema, train_batches, train_transform, optimizer, scheduler, scaler, criterion,
                                     epoch, args, device, dtype, channels_last, stop, is_main)
             if stats is not None:
                 eval_model = ema.module if ema is not None else raw_model
-                stats.update(evaluate(eval_model, valid_batches, eval_transform, eval_criterion, valid_labels, args, device, dtype, channels_last))
+                stats.update(evaluate(eval_model, valid_ahead, eval_transform, eval_criterion, valid_labels, args, device, dtype, channels_last))
         except FloatingPointError as e:
             log(f"error: {e}. Stopped; {os.path.join(out, 'last.pt')} keeps the last good epoch. "
                 "Lower --lr, or try --amp off, then --resume.")

@@ -319,6 +319,36 @@ def test_epoch_stream_gives_each_epoch_in_order_and_decodes_the_next_one_ahead(t
         assert batches == list(expected)
 
 
+def test_the_valid_set_is_decoded_while_the_epoch_trains(demo_root, tmp_path, monkeypatch):
+    import dataloader
+
+    log, decode = tmp_path / "decoded.txt", dataloader.decode_image
+    valid_paths = set(dataloader.getData("valid", demo_root)[0])
+
+    def logged_decode(path, crop, size):  # the forked workers inherit it
+        with open(log, "a") as f:
+            f.write(path + "\n")
+        return decode(path, crop, size)
+
+    def valid_decoded():
+        return bool(valid_paths & set(log.read_text().splitlines())) if log.exists() else False
+
+    during_training = []
+
+    def train_one_epoch(*args, **kwargs):  # instead of training: wait for the valid workers, then end the run
+        deadline = time.monotonic() + 60
+        while not valid_decoded() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        during_training.append(valid_decoded())
+
+    monkeypatch.setattr(dataloader, "decode_image", logged_decode)
+    monkeypatch.setattr(train, "train_one_epoch", train_one_epoch)
+    monkeypatch.setattr(train.signal, "signal", lambda *a: None)  # leave pytest's own Ctrl-C handler alone
+    argv = ["--data-root", demo_root, "--output-dir", str(tmp_path), *TINY, "--workers", "1", "--epochs", "1"]
+    assert train.main(train.parse_args(argv)) == 0
+    assert during_training == [True]
+
+
 def test_lr_schedule_warms_up_then_decays_to_zero():
     args = train.parse_args(["--epochs", "10", "--warmup-epochs", "2"])
     f = [train.lr_factor(s, 5, args) for s in range(50)]
