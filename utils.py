@@ -198,8 +198,9 @@ class EpochStream:
 
     A DataLoader iterated anew every epoch leaves its workers idle from the end of one epoch until the next one
     asks for its first batch, and the GPU then waits while one worker decodes a whole batch. On the H200 machine
-    at 450 px that wait was about 0.4 s an epoch, nearly all of the data wait measured there. Iterated once, the
-    loader's workers decode the next epoch's first batches while this one ends and the model is validated.
+    at 450 px the GPU waited about 0.4 s an epoch for data, for ResNet18 as for ResNet50: about the time one
+    worker takes to decode a batch of 64. Iterated once, the loader's workers decode the next epoch's first
+    batches while this one ends and the model is validated.
     """
 
     def __init__(self, batches: Iterable, steps: int):
