@@ -174,24 +174,27 @@ def pipeline_rate(loader, device, transform=None, images: int = 0) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def pipeline_vs_report(root: str, cfg: dict, workers: int, device) -> dict:
-    """Median images/s of each pipeline over cfg["rounds"] rounds, the pipelines taking turns within a round."""
+def pipeline_vs_report(root: str, cfg: dict, workers: int, device, pin: bool) -> dict:
+    """Median images/s of each pipeline over cfg["rounds"] rounds, the pipelines taking turns within a round.
+
+    With pin (on CUDA), the CPU's share is also measured without pinned memory: whether the main process's one
+    pin-memory thread, which copies every batch, is what limits the workers.
+    """
     n = cfg["pipeline_images"]
     batch = max(1, min(32, n // 4))
-    pin = device.type == "cuda"
 
     def report() -> float:  # persistent workers, as ours: no worker start-up counted when it goes round the data again
         loader = torch.utils.data.DataLoader(ReportDataset(root), batch_size=batch, shuffle=True, num_workers=workers,
                                              pin_memory=pin, persistent_workers=workers > 0)
         return pipeline_rate(loader, device, images=n)
 
-    def ours(crop: int | None, host_only: bool) -> Callable[[], float]:
+    def ours(crop: int | None, host_only: bool, pinned: bool = pin) -> Callable[[], float]:
         preprocess = Preprocess(crop=crop)
         dataset = RetinopathyLoader(root, "train", preprocess=preprocess, output="uint8")
         transform = BatchTransform(preprocess, Augment())
 
         def measure() -> float:  # a fresh loader each time: nothing decoded ahead by the one before
-            loader = utils.make_loader(dataset, utils.EpochBatchSampler(len(dataset), batch, shuffle=True), workers, pin)
+            loader = utils.make_loader(dataset, utils.EpochBatchSampler(len(dataset), batch, shuffle=True), workers, pinned)
             if host_only:  # decode and crop to uint8 batches: all the CPU does when a GPU trains
                 return pipeline_rate(loader, torch.device("cpu"), images=n)
             return pipeline_rate(loader, device, lambda x: transform(x, None), images=n)
@@ -200,6 +203,8 @@ def pipeline_vs_report(root: str, cfg: dict, workers: int, device) -> dict:
 
     pipelines = {"report": report, "ours": ours(350, False), "ours_host_only": ours(350, True),
                  "ours_full_450": ours(None, False), "ours_full_450_host_only": ours(None, True)}
+    if pin:
+        pipelines["ours_full_450_host_only_unpinned"] = ours(None, True, pinned=False)
     rounds: dict[str, list[float]] = {k: [] for k in pipelines}
     for _ in range(cfg["rounds"]):
         for k, measure in pipelines.items():
@@ -405,11 +410,14 @@ def main(args: argparse.Namespace) -> int:
               f"torchvision {r['torchvision_images_per_s']:.1f} img/s, ratio {r['ratio']:.3f}")
     save(out, args.json)
 
-    p = out["pipeline"] = pipeline_vs_report(root, cfg, args.workers, device)
+    p = out["pipeline"] = pipeline_vs_report(root, cfg, args.workers, device, pin=device.type == "cuda")
     print(f"2. input pipeline, {p['workers']} workers, to a float batch on {device.type}: report {p['report_images_per_s']:.0f} img/s; "
           f"ours {p['ours_images_per_s']:.0f} (350 px crop, ratio {p['ratio']:.2f}), {p['ours_full_450_images_per_s']:.0f} "
           f"(full 450 px, ratio {p['ratio_full_450']:.2f}); ours' CPU share alone (decode + crop, uint8) {p['ours_host_only_images_per_s']:.0f} "
           f"(ratio {p['host_ratio']:.2f}){median_note(cfg)}")
+    if "ours_full_450_host_only_unpinned_images_per_s" in p:
+        print(f"2. ours' CPU share at 450 px: {p['ours_full_450_host_only_images_per_s']:.0f} img/s pinned, "
+              f"{p['ours_full_450_host_only_unpinned_images_per_s']:.0f} without pinning")
     save(out, args.json)
 
     epoch_model = "resnet50" if device.type == "cuda" else cfg["models"][0]

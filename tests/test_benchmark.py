@@ -22,6 +22,23 @@ def test_benchmark_writes_its_figures(tmp_path):
     assert len(figures["pipeline"]["rounds"]["report"]) == len(figures["epoch"]["rounds"]) == 2
 
 
+def test_pipelines_with_pinning_also_measure_the_cpu_share_unpinned(demo_root):
+    """The pinned branch runs on CUDA only; on a CPU the DataLoader ignores pin_memory, so it can be driven here."""
+    import warnings
+
+    import torch
+
+    import benchmark
+
+    cfg = dict(pipeline_images=8, rounds=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pin_memory without an accelerator
+        p = benchmark.pipeline_vs_report(demo_root, cfg, 0, torch.device("cpu"), pin=True)
+    assert p["ours_full_450_host_only_unpinned_images_per_s"] > 0 and len(p["rounds"]) == 6
+    unpinned = benchmark.pipeline_vs_report(demo_root, cfg, 0, torch.device("cpu"), pin=False)
+    assert "ours_full_450_host_only_unpinned_images_per_s" not in unpinned
+
+
 def test_cuda_section_runs_and_its_figures_add_up(demo_root, tmp_path):
     """The part that runs only on CUDA, driven on the CPU (compile left out) so that a GPU session's one run cannot fail on it."""
     import argparse
