@@ -260,9 +260,6 @@ class CachedBatches:
                 labels[index] = batch[2]
         self.images, self.labels = images, labels.to(device)
 
-    def __len__(self) -> int:
-        return len(self.sampler)
-
     def __iter__(self):
         for batch in self.sampler:
             index = torch.tensor(batch)
