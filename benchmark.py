@@ -379,13 +379,10 @@ def median_note(cfg: dict) -> str:
 def wait_note(epoch: dict) -> str:
     """The device's data wait and how much of it the first batch took; on CUDA also the host's wait, which mostly
     overlaps GPU work, and the host syncs."""
-    note = f"data wait {epoch['data_wait_share']:.1%}"
-    if "host_syncs" in epoch:
-        note += f" (the host's {epoch['host_wait_share']:.1%})"
-    note += f", {epoch['first_batch_wait_seconds'] * 1e3:.0f} ms of it for the first batch"
-    if "host_syncs" in epoch:
-        note += f", {epoch['host_syncs']} host syncs in {epoch['steps']} steps"
-    return note
+    cuda = "host_syncs" in epoch
+    host = f" (the host's {epoch['host_wait_share']:.1%})" if cuda else ""
+    syncs = f", {epoch['host_syncs']} host syncs in {epoch['steps']} steps" if cuda else ""
+    return f"data wait {epoch['data_wait_share']:.1%}{host}, {epoch['first_batch_wait_seconds'] * 1e3:.0f} ms of it for the first batch{syncs}"
 
 
 def main(args: argparse.Namespace) -> int:
