@@ -24,6 +24,14 @@ def run_train(demo_root, out, *extra, check=True):
     return result
 
 
+def wait_for(condition, seconds=60):
+    """condition(), polled until it holds or the time is up."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
 def read_history(path):
     with open(path) as f:
         return list(csv.DictReader(f))
@@ -307,10 +315,8 @@ def test_epoch_stream_gives_each_epoch_in_order_and_decodes_the_next_one_ahead(t
     stream = utils.EpochStream(loader, len(sampler))
     first = [batch[0].tolist() for batch in stream]
     assert len(first) == len(stream) == 2
-    deadline = time.monotonic() + 60
-    while len(log.read_text().split()) <= 6 and time.monotonic() < deadline:  # 2 batches of 3 taken
-        time.sleep(0.05)
-    assert len(log.read_text().split()) > 6, "the worker waited for the next epoch to be asked for"
+    next_epoch_fetched = wait_for(lambda: len(log.read_text().split()) > 6)  # 2 batches of 3 taken
+    assert next_epoch_fetched, "the worker waited for the next epoch to be asked for"
     later = [[batch[0].tolist() for batch in stream] for _ in range(3)]
     assert later[2] == []  # the run ends after epoch 3 (0-based)
     for epoch, batches in zip((1, 2, 3), [first, *later[:2]]):
@@ -336,10 +342,7 @@ def test_the_valid_set_is_decoded_while_the_epoch_trains(demo_root, tmp_path, mo
     during_training = []
 
     def train_one_epoch(*args, **kwargs):  # instead of training: wait for the valid workers, then end the run
-        deadline = time.monotonic() + 60
-        while not valid_decoded() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        during_training.append(valid_decoded())
+        during_training.append(wait_for(valid_decoded))
 
     monkeypatch.setattr(dataloader, "decode_image", logged_decode)
     monkeypatch.setattr(train, "train_one_epoch", train_one_epoch)
