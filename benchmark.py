@@ -387,6 +387,7 @@ def wait_note(epoch: dict) -> str:
 
 def main(args: argparse.Namespace) -> int:
     device = utils.resolve_device(args.device)
+    utils.keep_freed_memory(device)  # as train.py: both sides of every figure run in this process
     cfg = dict(PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")])
     for k in ("models", "crop", "image_size", "batch_size", "steps", "rounds", "epochs"):
         if getattr(args, k) is not None:

@@ -194,6 +194,7 @@ def write_comparison(results: list[dict], out_dir: str) -> None:
 
 def main(args: argparse.Namespace) -> int:
     device = utils.resolve_device(args.device)
+    utils.keep_freed_memory(device)
     checkpoints = args.checkpoint or [os.path.join(r, "best.pt") for r in utils.find_runs(args.checkpoints_dir, args.model)]
     if not checkpoints:
         print(f"error: no run with a best.pt under {args.checkpoints_dir}/{' for ' + args.model if args.model else ''}; "

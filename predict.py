@@ -52,6 +52,7 @@ def pick_checkpoints(args: argparse.Namespace) -> list[str]:
 
 def main(args: argparse.Namespace) -> int:
     device = utils.resolve_device(args.device)
+    utils.keep_freed_memory(device)
     paths = pick_checkpoints(args)
     checkpoints = [utils.load_checkpoint(p) for p in paths]
     root = utils.checkpoint_data_root(checkpoints[0], args.data_root)

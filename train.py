@@ -472,6 +472,7 @@ def merge_resumed_args(args: argparse.Namespace, explicit: set[str]) -> argparse
 
 def main(args: argparse.Namespace) -> int:
     rank, world_size, device = setup_distributed(args)
+    utils.keep_freed_memory(device)
     args.rank, args.world_size = rank, world_size
     check_run_dir_is_free(args)
     is_main = rank == 0

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import glob
 import itertools
 import json
 import os
+import platform
 import signal
 import sys
 from contextlib import nullcontext
@@ -69,6 +71,22 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda, but PyTorch sees no CUDA GPU (use --device auto or cpu)")
     return torch.device(name)
+
+
+def keep_freed_memory(device: torch.device) -> None:
+    """On a CPU device, have glibc's malloc keep freed memory for the next allocation instead of giving it back.
+
+    By default glibc takes every block over 32 MB (a float batch, an activation at 350 px) fresh from the
+    system and gives it back when freed, so each step pays a page fault for every 4 KB it writes. Kept, the
+    memory is reused: on a 2-core machine the input pipeline ran 15-30% faster and 8 epochs of ResNet18 at
+    224 px 11% faster, for 7-20% more resident memory, which stays at its peak. jemalloc and tcmalloc, which
+    PyTorch's CPU performance guide suggests, do the same. Nothing changes on a GPU or without glibc.
+    """
+    if device.type != "cpu" or platform.libc_ver()[0] != "glibc":
+        return
+    libc = ctypes.CDLL(None)
+    libc.mallopt(-4, 0)  # M_MMAP_MAX: no block gets a mapping of its own; all come from the heap...
+    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: ...which keeps up to 2 GiB free at its top
 
 
 def amp_dtype(device: torch.device, amp: str = "auto") -> torch.dtype | None:

@@ -1,6 +1,7 @@
 import csv
 import errno
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -350,6 +351,36 @@ def test_the_valid_set_is_decoded_while_the_epoch_trains(demo_root, tmp_path, mo
     argv = ["--data-root", demo_root, "--output-dir", str(tmp_path), *TINY, "--workers", "1", "--epochs", "1"]
     assert train.main(train.parse_args(argv)) == 0
     assert during_training == [True]
+
+
+FREED_MEMORY_PROBE = """
+import resource, sys, torch
+sys.path.insert(0, {root!r})
+import utils
+
+def faults_per_64_mb_block(cycles=16, counted=4):
+    for i in range(cycles):  # the heap may take a few blocks to settle
+        if i == cycles - counted:
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.empty(16 << 20).fill_(1)  # 64 MB, past the 32 MB beyond which glibc maps every block afresh
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // counted
+
+print(faults_per_64_mb_block())
+utils.keep_freed_memory(torch.device("meta"))  # any device but the CPU: nothing changes
+print(faults_per_64_mb_block())
+utils.keep_freed_memory(torch.device("cpu"))
+print(faults_per_64_mb_block())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="only glibc's malloc is told to keep freed memory")
+def test_keep_freed_memory_reuses_big_blocks_on_the_cpu_only():
+    # In a child process: malloc's settings last for the life of the process.
+    result = subprocess.run([sys.executable, "-c", FREED_MEMORY_PROBE.format(root=ROOT)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    default, other_device, cpu = map(int, result.stdout.split())
+    assert min(default, other_device) >= 32  # each block came fresh from the system: a fault per page, even at 2 MB pages
+    assert cpu < min(default, other_device) / 10  # freed blocks were reused in place
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
