@@ -52,11 +52,11 @@ def inspect_image(path: str) -> tuple[str, tuple[int, int] | None, str | None, s
 def check_dataset(root: str, workers: int = 1) -> int:
     """Print a summary of the dataset at root and every problem found; 0 if there is none, else 1."""
     problems: list[str] = []
-    splits: dict[str, tuple[list[str], list[int] | None]] = {}
+    splits: dict[str, tuple[str, list[str], list[int] | None]] = {}  # name -> (its CSV, paths, labels)
     for name in ("train", "valid"):
         try:
-            paths, labels = read_csv(os.path.join(root, f"{name}.csv"), labelled=True, problems=problems)
-            splits[name] = (paths, labels)
+            csv_path = os.path.join(root, f"{name}.csv")
+            splits[name] = (csv_path, *read_csv(csv_path, labelled=True, problems=problems))
         except DataError as e:
             problems.append(str(e))
     test_csvs = [name for name in TEST_CSVS.values() if os.path.isfile(os.path.join(root, name))]
@@ -64,27 +64,27 @@ def check_dataset(root: str, workers: int = 1) -> int:
         problems.append(f"{root}: no test CSV ({', '.join(TEST_CSVS.values())})")
     for name in test_csvs:
         try:
-            splits[name] = read_csv(os.path.join(root, name), labelled=False)
+            csv_path = os.path.join(root, name)
+            splits[name] = (csv_path, *read_csv(csv_path, labelled=False))
         except DataError as e:
             problems.append(str(e))
 
     print(f"dataset at {os.path.abspath(root)}")
-    for name, (paths, labels) in splits.items():
+    for name, (csv_path, paths, labels) in splits.items():
         counts = Counter(labels or [])
         by_class = ", ".join(f"{counts[i]} {c}" for i, c in enumerate(CLASSES)) if labels is not None else "no labels"
         print(f"  {name:<20} {len(paths):>6} rows ({by_class})")
-        source = os.path.join(root, name if name.endswith(".csv") else f"{name}.csv")
         try:
-            check_not_empty(paths, source)
+            check_not_empty(paths, csv_path)
             if name == "train":
-                check_both_classes(labels, source)
+                check_both_classes(labels, csv_path)
         except DataError as e:
             problems.append(str(e))
         duplicates = [p for p, n in Counter(paths).items() if n > 1]
         if duplicates:
             problems.append(f"{name}: {len(duplicates)} paths listed twice, e.g. {duplicates[0]}")
 
-    files = sorted({os.path.normpath(os.path.join(root, p)) for paths, _ in splits.values() for p in paths})
+    files = sorted({os.path.normpath(os.path.join(root, p)) for _, paths, _ in splits.values() for p in paths})
     results = parallel_map(inspect_image, files, workers, chunksize=64)
     sizes = Counter(f"{s[0]}x{s[1]}" for _, s, _, _ in results if s)
     modes = Counter(m for _, _, m, _ in results if m)
