@@ -39,7 +39,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", default="results", help="results go to OUT_DIR/<run-name>/ (default: results)")
     parser.add_argument("--tta", action="store_true", help="average the predictions over the four flips of each image")
     parser.add_argument("--batch-size", type=utils.positive_int, default=64, help="images per batch (default: 64)")
-    parser.add_argument("--workers", type=utils.non_negative_int, default=min(8, os.cpu_count() or 1), help="data-loading processes (default: min(8, cores))")
+    parser.add_argument("--workers", type=utils.non_negative_int, default=utils.WORKERS, help="data-loading processes (default: min(8, cores))")
     parser.add_argument("--device", choices=utils.DEVICES, default="auto", help="where to run (default: auto)")
     parser.add_argument("--gallery", type=utils.non_negative_int, default=16, help="most confidently wrong cells to show (default: 16)")
     return parser

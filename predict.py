@@ -29,7 +29,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--probs", help="also write ID,prob_ALL to this file; the submission stays exact")
     parser.add_argument("--tta", action="store_true", help="average over the four flips of each image (see README for what it gains)")
     parser.add_argument("--batch-size", type=utils.positive_int, default=64, help="images per batch (default: 64)")
-    parser.add_argument("--workers", type=utils.non_negative_int, default=min(8, os.cpu_count() or 1), help="data-loading processes (default: min(8, cores))")
+    parser.add_argument("--workers", type=utils.non_negative_int, default=utils.WORKERS, help="data-loading processes (default: min(8, cores))")
     parser.add_argument("--device", choices=utils.DEVICES, default="auto", help="where to run (default: auto)")
     return parser
 

@@ -85,7 +85,7 @@ def get_args_parser(add_help: bool = True, suppress_defaults: bool = False) -> a
     add("--scale-jitter", type=float, default=None, help=f"random zoom in [1 - s, 1 + s] {recipe}")
     add("--color-jitter", type=float, default=None, help=f"random per-channel stain and brightness gain in [1 - c, 1 + c] {recipe}")
     add("--best-metric", choices=["acc", "f1"], default="acc", help="what best.pt keeps the best of: valid accuracy or weighted F1 (default: acc)")
-    add("--workers", type=utils.non_negative_int, default=min(8, os.cpu_count() or 1), help="data-loading processes per GPU (default: min(8, cores))")
+    add("--workers", type=utils.non_negative_int, default=utils.WORKERS, help="data-loading processes per GPU (default: min(8, cores))")
     add("--cache", choices=["none", "ram", "gpu"], default="none",
         help="decode the dataset once and keep it as uint8 in RAM or on the GPU (default: none)")
     add("--seed", type=int, default=0, help="seed of weights, shuffling and augmentation (default: 0)")

@@ -58,6 +58,7 @@ def non_negative_int(text: str) -> int:
 
 
 DEVICES = ("auto", "cuda", "mps", "cpu")  # what every script's --device accepts
+WORKERS = min(8, os.cpu_count() or 1)  # every script's default --workers
 
 
 def resolve_device(name: str = "auto") -> torch.device:
