@@ -440,6 +440,17 @@ def check_run_dir_is_free(args: argparse.Namespace) -> None:
             "or start a new one with another --run-name (or delete that folder to start it over)")
 
 
+def check_compile_supported(args: argparse.Namespace, device: torch.device) -> None:
+    """torch.compile's GPU kernels are Triton's, which needs a GPU of compute capability 7.0 (Volta) or newer. An
+    older card, such as the P100 of some free notebooks, would otherwise fail deep in the compiler at the first step."""
+    if not args.compile or device.type != "cuda":
+        return
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (7, 0):
+        raise SystemExit(f"error: --compile needs a GPU of compute capability 7.0 or newer (Triton's); this "
+                         f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}: train without --compile")
+
+
 def resume_checkpoint_path(args: argparse.Namespace) -> str:
     return os.path.join(run_dir(args), "last.pt") if args.resume == "last" else args.resume
 
@@ -475,6 +486,7 @@ def main(args: argparse.Namespace) -> int:
     utils.keep_freed_memory(device)
     args.rank, args.world_size = rank, world_size
     check_run_dir_is_free(args)
+    check_compile_supported(args, device)
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
     seed_everything(args.seed, args.deterministic)

@@ -430,6 +430,19 @@ def test_mixed_precision_choice():
     assert utils.amp_dtype(torch.device("mps"), "auto") is None
 
 
+def test_compile_on_a_gpu_older_than_volta_is_refused_before_anything_runs(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla P100-PCIE-16GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))
+    cuda, compiled = torch.device("cuda"), train.parse_args(["--compile"])
+    with pytest.raises(SystemExit) as e:
+        train.check_compile_supported(compiled, cuda)
+    assert "Tesla P100-PCIE-16GB is 6.0" in str(e.value.code) and "without --compile" in str(e.value.code)
+    train.check_compile_supported(train.parse_args([]), cuda)
+    train.check_compile_supported(compiled, torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    train.check_compile_supported(compiled, cuda)
+
+
 def test_demo_makes_its_data_when_missing(tmp_path):
     # The full demo trains for minutes; one short epoch shows the data is made and training starts on it.
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--demo", "--data-root", str(tmp_path / "demo"), "--output-dir",
