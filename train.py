@@ -94,7 +94,8 @@ def get_args_parser(add_help: bool = True, suppress_defaults: bool = False) -> a
     add("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
         help="mixed precision: bf16 on CUDA where supported, else fp16 with a grad scaler; always off on CPU (default: auto)")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last memory format (default: on with CUDA)")
-    add("--compile", action="store_true", default=False, help="torch.compile the model (first epoch slower, later ones faster)")
+    add("--compile", action=argparse.BooleanOptionalAction, default=False,
+        help="torch.compile the model: first epoch slower, later ones faster; needs Triton (default: off)")
     add("--output-dir", default="checkpoints", help="folder of run folders (default: checkpoints)")
     add("--run-name", default=None, help="run folder name under --output-dir (default: the model name)")
     add("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
@@ -448,7 +449,8 @@ def check_compile_supported(args: argparse.Namespace, device: torch.device) -> N
     capability = torch.cuda.get_device_capability(device)
     if capability < (7, 0):
         raise SystemExit(f"error: --compile needs a GPU of compute capability 7.0 or newer (Triton's); this "
-                         f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}: train without --compile")
+                         f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}: train without --compile "
+                         "(--no-compile to resume a run that had it)")
 
 
 def resume_checkpoint_path(args: argparse.Namespace) -> str:

@@ -443,6 +443,14 @@ def test_compile_on_a_gpu_older_than_volta_is_refused_before_anything_runs(monke
     train.check_compile_supported(compiled, cuda)
 
 
+def test_a_compiled_run_can_be_resumed_without_compiling(tmp_path):
+    saved = vars(train.parse_args(["--compile", "--epochs", "3"]))
+    checkpoint = {k: None for k in utils.CHECKPOINT_KEYS + train.RESUME_KEYS} | {"model_name": "resnet18", "args": saved}
+    torch.save(checkpoint, tmp_path / "last.pt")
+    assert train.parse_args(["--resume", str(tmp_path / "last.pt")]).compile is True
+    assert train.parse_args(["--resume", str(tmp_path / "last.pt"), "--no-compile"]).compile is False
+
+
 def test_demo_makes_its_data_when_missing(tmp_path):
     # The full demo trains for minutes; one short epoch shows the data is made and training starts on it.
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--demo", "--data-root", str(tmp_path / "demo"), "--output-dir",
