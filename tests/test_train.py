@@ -116,9 +116,7 @@ def test_a_signal_to_the_process_group_stops_cleanly_and_says_how_to_resume(demo
            "--workers", "2", "--epochs", "50", "--run-name", "term"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     history = tmp_path / "term" / "history.csv"
-    deadline = time.time() + 240
-    while time.time() < deadline and not history.exists():
-        time.sleep(0.05)
+    wait_for(history.exists, seconds=240)
     os.killpg(proc.pid, sig)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == code, out
