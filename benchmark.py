@@ -10,10 +10,10 @@ Every figure is a ratio where above 1 means this project is faster, measured in 
                         rotation 15, ToTensor, Normalize), same files and workers, up to an augmented,
                         normalised float batch on the training device
   epoch_vs_report       one training epoch of train.py against a report-style loop (fp32, NCHW, PIL, .item())
+train.py's epoch is its defaults', which on a CUDA GPU that Triton supports include torch.compile.
 On CUDA also: images/s and the share of the GPU's bf16 peak per model; the share of step time the GPU
-spends waiting for data and the host syncs per step, in an epoch with workers decoding (train.py's default)
-and one with --cache gpu; the estimated time of 200 ResNet152 epochs on the course data; and what --compile
-gains.
+spends waiting for data and the host syncs per step, with workers decoding (train.py's default); the
+estimated time of 200 ResNet152 epochs on the course data; and the epoch without compiling (--no-compile).
 """
 from __future__ import annotations
 
@@ -67,7 +67,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "(default: from the preset)")
     parser.add_argument("--workers", type=utils.non_negative_int, default=os.cpu_count() or 1, help="data-loading processes for both pipelines (default: all cores)")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if not in the built-in table")
-    parser.add_argument("--skip-compile", action="store_true", help="CUDA: leave out the torch.compile epoch (its first epoch compiles the model)")
+    parser.add_argument("--skip-compile", action="store_true",
+                        help="time train.py with --no-compile only: quicker, and for a GPU without Triton (default: its own default)")
     parser.add_argument("--json", help="write the figures to this JSON file, after each part")
     return parser
 
@@ -296,33 +297,36 @@ class TimedBatches:
 
 
 def ours_epoch(root: str, name: str, batch_size: int, workers: int, device, crop: int | None, size: int | None, cache: str,
-               epochs: int, compile_model: bool = False) -> dict:
-    """The last of `epochs` epochs of train.py's own loop with its default recipe. The first starts the workers,
-    which train.py does once a run (the report's loop starts its own every epoch, and is timed so), and warms up
-    cuDNN, the cache and the compiler. Returns images/s and the data wait."""
+               epochs: int, compile_model: bool | None = None) -> dict:
+    """The last of `epochs` epochs of train.py's own loop with its default recipe (compile_model: --compile or
+    --no-compile, None for train.py's choice). The first epoch starts the workers, which train.py does once a run
+    (the report's loop starts its own every epoch, and is timed so), and warms up cuDNN, the cache and the compiler.
+    Returns images/s and the data wait."""
     argv = ["--model", name, "--data-root", root, "--batch-size", str(batch_size), "--workers", str(workers), "--cache", cache,
             "--device", device.type, "--epochs", str(epochs), "--crop", str(crop or 0)]
     argv += ["--image-size", str(size)] if size else []
-    argv += ["--compile"] if compile_model else []
+    argv += [] if compile_model is None else ["--compile" if compile_model else "--no-compile"]
     args = train.parse_args(argv)
     args.rank, args.world_size = 0, 1
     train.seed_everything(args.seed, False)
     preprocess, augment = train.transforms_from_args(args)
     train_batches, _, _, labels, _ = train.load_data(args, preprocess, 0, 1, device)
     model, channels_last, dtype, optimizer, scheduler, scaler, ema, criterion = train.build_training(args, device, labels, len(train_batches))
-    compiled = torch.compile(model) if compile_model else model
+    compiled = train.should_compile(args, device)
+    step_model = torch.compile(model) if compiled else model
     timed = TimedBatches(train_batches, device)
     results, first_epoch_seconds = {}, None
     for epoch in range(epochs):
         timed.reset()
         with host_syncs(device) as syncs:
-            stats = train.train_one_epoch(compiled, ema, timed, BatchTransform(preprocess, augment), optimizer, scheduler,
+            stats = train.train_one_epoch(step_model, ema, timed, BatchTransform(preprocess, augment), optimizer, scheduler,
                                           scaler, criterion, epoch, args, device, dtype, channels_last, train.StopRequest(), False)
         first_epoch_seconds = first_epoch_seconds or stats["seconds"]  # with --compile, the compilation's too
         waits = timed.device_waits()
         results = {"images_per_s": stats["images_per_s"], "seconds": stats["seconds"], "first_epoch_seconds": first_epoch_seconds,
                    "data_wait_share": sum(waits) / stats["seconds"], "host_wait_share": sum(timed.host_waits) / stats["seconds"],
-                   "first_batch_wait_seconds": waits[0], "train_images": len(labels), "steps": len(timed), "cache": cache}
+                   "first_batch_wait_seconds": waits[0], "train_images": len(labels), "steps": len(timed), "cache": cache,
+                   "compiled": compiled}
         if device.type == "cuda":
             results["host_syncs"], results["host_sync_sites"] = len(syncs), dict(collections.Counter(syncs))
     return results
@@ -377,6 +381,14 @@ def median_note(cfg: dict) -> str:
     return f"; medians of {cfg['rounds']} rounds" if cfg["rounds"] > 1 else ""
 
 
+def compile_choice(args: argparse.Namespace) -> bool | None:
+    return False if args.skip_compile else None
+
+
+def compile_note(epoch: dict) -> str:
+    return f"compiled, its first epoch {epoch['first_epoch_seconds']:.0f} s" if epoch["compiled"] else "not compiled"
+
+
 def wait_note(epoch: dict) -> str:
     """The device's data wait and how much of it the first batch took; on CUDA also the host's wait, which mostly
     overlaps GPU work, and the host syncs."""
@@ -423,18 +435,14 @@ def main(args: argparse.Namespace) -> int:
     runs = []
     for _ in range(cfg["rounds"]):  # in turns, so that whatever else the machine does slows both alike
         runs.append((ours_epoch(root, epoch_model, cfg["batch_size"], args.workers, device, cfg["crop"], cfg["image_size"], "none",
-                                cfg["epochs"]),
+                                cfg["epochs"], compile_choice(args)),
                      report_epoch(root, epoch_model, cfg["batch_size"], args.workers, device, cfg["crop"], cfg["image_size"])))
     ours = sorted((o for o, _ in runs), key=lambda o: o["images_per_s"])[len(runs) // 2]
     theirs = statistics.median(t for _, t in runs)
     out["epoch"] = {"model": epoch_model, "ours": ours, "report_images_per_s": theirs, "ratio": ours["images_per_s"] / theirs,
                     "rounds": [{"ours_images_per_s": o["images_per_s"], "report_images_per_s": t} for o, t in runs]}
-    print(f"3. one {epoch_model} epoch at {input_side(cfg)} px: train.py {ours['images_per_s']:.0f} img/s ({wait_note(ours)}), "
-          f"report-style loop {theirs:.0f} img/s, ratio {out['epoch']['ratio']:.2f}{median_note(cfg)}")
-    if device.type == "cuda":
-        cached = out["epoch"]["ours_cache_gpu"] = ours_epoch(root, epoch_model, cfg["batch_size"], args.workers, device, cfg["crop"],
-                                                             cfg["image_size"], "gpu", cfg["epochs"])
-        print(f"3. the same with --cache gpu: {cached['images_per_s']:.0f} img/s ({wait_note(cached)}), ratio {cached['images_per_s'] / theirs:.2f}")
+    print(f"3. one {epoch_model} epoch at {input_side(cfg)} px: train.py {ours['images_per_s']:.0f} img/s ({compile_note(ours)}; "
+          f"{wait_note(ours)}), report-style loop {theirs:.0f} img/s, ratio {out['epoch']['ratio']:.2f}{median_note(cfg)}")
 
     summary = {"model_vs_torchvision": min(r["ratio"] for r in out["model_comparison"].values()), "pipeline_vs_report": p["ratio"],
                "epoch_vs_report": out["epoch"]["ratio"]}
@@ -453,8 +461,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def cuda_figures(out: dict, root: str, cfg: dict, args: argparse.Namespace, device, dtype) -> dict:
-    """Part 4: each model against the card's peak, ResNet18's data wait, ResNet152's 200 epochs, torch.compile;
-    saved as they come."""
+    """Part 4: each model against the card's peak, ResNet18's data wait, ResNet152's 200 epochs, and the epoch
+    without compiling; saved as they come."""
     peak = gpu_peak_tflops(device, args.peak_tflops)
     ours = out["epoch"]["ours"]
     summary = {"data_wait_share": ours["data_wait_share"], "host_syncs_per_step": ours["host_syncs"] / ours["steps"]}
@@ -467,28 +475,27 @@ def cuda_figures(out: dict, root: str, cfg: dict, args: argparse.Namespace, devi
     save({**out, **summary}, args.json)
     if "resnet18" in cfg["models"]:  # the fastest network asks the most of the decoding workers
         r18 = out["resnet18_epoch"] = ours_epoch(root, "resnet18", cfg["batch_size"], args.workers, device, cfg["crop"],
-                                                 cfg["image_size"], "none", cfg["epochs"])
+                                                 cfg["image_size"], "none", cfg["epochs"], compile_choice(args))
         summary["data_wait_share_resnet18"] = r18["data_wait_share"]
-        print(f"4. resnet18 epoch at {input_side(cfg)} px, workers decoding: {r18['images_per_s']:.0f} img/s, "
-              f"{wait_note(r18)}")
+        print(f"4. resnet18 epoch at {input_side(cfg)} px, workers decoding: {r18['images_per_s']:.0f} img/s ({compile_note(r18)}; "
+              f"{wait_note(r18)})")
         save({**out, **summary}, args.json)
     if "resnet152" in cfg["models"]:
-        r152 = out["resnet152_epoch"] = ours_epoch(root, "resnet152", cfg["batch_size"], args.workers, device, 350, cfg["image_size"], "gpu",
-                                                   cfg["epochs"])
+        r152 = out["resnet152_epoch"] = ours_epoch(root, "resnet152", cfg["batch_size"], args.workers, device, 350, cfg["image_size"],
+                                                   "none", cfg["epochs"], compile_choice(args))
         summary["resnet152_200_epochs_minutes"] = 200 * r152["train_images"] / r152["images_per_s"] / 60
         print(f"4. resnet152 at the default 350 px crop: one epoch of {r152['train_images']} images at {r152['images_per_s']:.0f} img/s "
-              f"({wait_note(r152)}): 200 epochs in about {summary['resnet152_200_epochs_minutes']:.0f} minutes "
+              f"({compile_note(r152)}; {wait_note(r152)}): 200 epochs in about {summary['resnet152_200_epochs_minutes']:.0f} minutes "
               "(training only)")
         save({**out, **summary}, args.json)
-    if not args.skip_compile:
-        name, cached = out["epoch"]["model"], out["epoch"]["ours_cache_gpu"]
-        compiled = out["epoch"]["ours_compiled"] = ours_epoch(root, name, cfg["batch_size"], args.workers, device, cfg["crop"],
-                                                              cfg["image_size"], "gpu", cfg["epochs"], compile_model=True)
-        summary["compile_speedup"] = compiled["images_per_s"] / cached["images_per_s"]
-        summary["epoch_vs_report_compiled"] = compiled["images_per_s"] / out["epoch"]["report_images_per_s"]
-        print(f"4. {name} with --compile (and --cache gpu): {compiled['images_per_s']:.0f} img/s after its first epoch "
-              f"({compiled['first_epoch_seconds']:.0f} s, compiling), "
-              f"{summary['compile_speedup']:.2f}x the same without, {summary['epoch_vs_report_compiled']:.2f}x the report-style loop")
+    if ours["compiled"]:  # what a run with --no-compile gets
+        name = out["epoch"]["model"]
+        eager = out["epoch"]["ours_eager"] = ours_epoch(root, name, cfg["batch_size"], args.workers, device, cfg["crop"],
+                                                        cfg["image_size"], "none", cfg["epochs"], compile_model=False)
+        summary["compile_speedup"] = ours["images_per_s"] / eager["images_per_s"]
+        summary["epoch_vs_report_eager"] = eager["images_per_s"] / out["epoch"]["report_images_per_s"]
+        print(f"4. {name} epoch with --no-compile: {eager['images_per_s']:.0f} img/s ({wait_note(eager)}), "
+              f"{summary['epoch_vs_report_eager']:.2f}x the report-style loop; compiling gains {summary['compile_speedup']:.2f}x")
     return summary
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -94,8 +95,9 @@ def get_args_parser(add_help: bool = True, suppress_defaults: bool = False) -> a
     add("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
         help="mixed precision: bf16 on CUDA where supported, else fp16 with a grad scaler; always off on CPU (default: auto)")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last memory format (default: on with CUDA)")
-    add("--compile", action=argparse.BooleanOptionalAction, default=False,
-        help="torch.compile the model: first epoch slower, later ones faster; needs Triton (default: off)")
+    add("--compile", action=argparse.BooleanOptionalAction, default=None,
+        help="torch.compile the model: the first epoch compiles it (about a minute), later ones run faster "
+             "(default: on with a CUDA GPU that Triton supports, off elsewhere)")
     add("--output-dir", default="checkpoints", help="folder of run folders (default: checkpoints)")
     add("--run-name", default=None, help="run folder name under --output-dir (default: the model name)")
     add("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
@@ -441,16 +443,25 @@ def check_run_dir_is_free(args: argparse.Namespace) -> None:
             "or start a new one with another --run-name (or delete that folder to start it over)")
 
 
-def check_compile_supported(args: argparse.Namespace, device: torch.device) -> None:
-    """torch.compile's GPU kernels are Triton's, which needs a GPU of compute capability 7.0 (Volta) or newer. An
-    older card, such as the P100 of some free notebooks, would otherwise fail deep in the compiler at the first step."""
-    if not args.compile or device.type != "cuda":
-        return
+def should_compile(args: argparse.Namespace, device: torch.device) -> bool:
+    """--compile or --no-compile as given; unset, on where it pays off: a CUDA GPU that Triton can write kernels for
+    (Triton installed, which it is not on Windows; compute capability 7.0, Volta, or newer). There it fuses the
+    elementwise work between the convolutions: a ResNet50 epoch ran 1.4x as fast on an H200 (BENCHMARKS.md), for
+    about a minute of compiling in the first epoch. Asked for on a GPU it cannot serve, such as the P100 of some free
+    notebooks, it stops here with the reason instead of deep in the compiler at the first step."""
+    if device.type != "cuda":
+        return bool(args.compile)
     capability = torch.cuda.get_device_capability(device)
-    if capability < (7, 0):
-        raise SystemExit(f"error: --compile needs a GPU of compute capability 7.0 or newer (Triton's); this "
-                         f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}: train without --compile "
-                         "(--no-compile to resume a run that had it)")
+    if importlib.util.find_spec("triton") is None:
+        unsupported = "Triton, which it needs on a GPU, is not installed (it is not on Windows)"
+    elif capability < (7, 0):
+        unsupported = (f"it needs a GPU of compute capability 7.0 or newer (Triton's); this "
+                       f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}")
+    else:
+        unsupported = None
+    if args.compile and unsupported:
+        raise SystemExit(f"error: --compile: {unsupported}. Train without --compile (--no-compile to resume a run that had it)")
+    return unsupported is None if args.compile is None else args.compile
 
 
 def resume_checkpoint_path(args: argparse.Namespace) -> str:
@@ -488,7 +499,7 @@ def main(args: argparse.Namespace) -> int:
     utils.keep_freed_memory(device)
     args.rank, args.world_size = rank, world_size
     check_run_dir_is_free(args)
-    check_compile_supported(args, device)
+    compile_model = should_compile(args, device)
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
     seed_everything(args.seed, args.deterministic)
@@ -530,7 +541,7 @@ def main(args: argparse.Namespace) -> int:
     model = raw_model
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
+    if compile_model:
         model = torch.compile(model)
 
     out = run_dir(args)
@@ -540,8 +551,9 @@ def main(args: argparse.Namespace) -> int:
             os.remove(stale)
         atomic_write(os.path.join(out, "args.json"), lambda f: f.write(json.dumps(vars(args), indent=2).encode()))
     n_params = sum(p.numel() for p in raw_model.parameters())
+    compiling = " (the first epoch compiles it; --no-compile to skip)" if compile_model else ""
     log(f"device {utils.device_name(device)} x {world_size} process(es), precision {dtype or torch.float32}, "
-        f"channels_last {channels_last}, compile {args.compile}")
+        f"channels_last {channels_last}, compile {compile_model}{compiling}")
     log(f"model {args.model}: {n_params / 1e6:.1f} M parameters; input {preprocess.crop or 'full'} px crop -> "
         f"{preprocess.size or preprocess.crop or 'native'} px")
     log(f"data {args.data_root}: {len(train_labels)} train ({sum(train_labels)} ALL, {len(train_labels) - sum(train_labels)} hem), "

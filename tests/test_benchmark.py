@@ -47,8 +47,8 @@ def test_cuda_section_runs_and_its_figures_add_up(demo_root, tmp_path):
 
     import benchmark
 
-    out = {"epoch": {"model": "resnet18", "ours": {"data_wait_share": 0.02, "host_syncs": 3, "steps": 12},
-                     "ours_cache_gpu": {"images_per_s": 10.0}}}
+    out = {"epoch": {"model": "resnet18", "report_images_per_s": 4.0,
+                     "ours": {"data_wait_share": 0.02, "host_syncs": 3, "steps": 12, "compiled": True, "images_per_s": 10.0}}}
     cfg = dict(models=["resnet18", "resnet152"], crop=None, image_size=32, batch_size=4, steps=1, epochs=2)
     args = argparse.Namespace(peak_tflops=0.5, skip_compile=True, workers=0, json=str(tmp_path / "gpu.json"))
     summary = benchmark.cuda_figures(out, demo_root, cfg, args, torch.device("cpu"), None)
@@ -60,8 +60,11 @@ def test_cuda_section_runs_and_its_figures_add_up(demo_root, tmp_path):
         assert r["images_per_s"] > 0 and abs(r["bf16_peak_share"] - flops * r["images_per_s"] / 0.5e12) < 1e-12
     assert summary["data_wait_share_resnet18"] == out["resnet18_epoch"]["data_wait_share"] < 1
     r152 = out["resnet152_epoch"]
-    assert r152["train_images"] == 48 and r152["cache"] == "gpu"
+    assert r152["train_images"] == 48 and r152["cache"] == "none" and not r152["compiled"]
     assert abs(summary["resnet152_200_epochs_minutes"] - 200 * 48 / r152["images_per_s"] / 60) < 1e-9
+    eager = out["epoch"]["ours_eager"]  # the default epoch compiled: the same without compiling, to compare
+    assert not eager["compiled"] and summary["compile_speedup"] == 10.0 / eager["images_per_s"]
+    assert summary["epoch_vs_report_eager"] == eager["images_per_s"] / 4.0
     saved = json.loads((tmp_path / "gpu.json").read_text())
     assert saved["resnet152_200_epochs_minutes"] == summary["resnet152_200_epochs_minutes"]
 

@@ -428,17 +428,26 @@ def test_mixed_precision_choice():
     assert utils.amp_dtype(torch.device("mps"), "auto") is None
 
 
-def test_compile_on_a_gpu_older_than_volta_is_refused_before_anything_runs(monkeypatch):
+def test_compile_is_on_by_default_only_where_triton_serves_the_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla P100-PCIE-16GB")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))
-    cuda, compiled = torch.device("cuda"), train.parse_args(["--compile"])
+    monkeypatch.setattr(train.importlib.util, "find_spec", lambda name: object() if name == "triton" else None)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    default, on, off = (train.parse_args(argv) for argv in ([], ["--compile"], ["--no-compile"]))
     with pytest.raises(SystemExit) as e:
-        train.check_compile_supported(compiled, cuda)
+        train.should_compile(on, cuda)
     assert "Tesla P100-PCIE-16GB is 6.0" in str(e.value.code) and "without --compile" in str(e.value.code)
-    train.check_compile_supported(train.parse_args([]), cuda)
-    train.check_compile_supported(compiled, torch.device("cpu"))
+    assert train.should_compile(default, cuda) is False and train.should_compile(off, cuda) is False
+
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    train.check_compile_supported(compiled, cuda)
+    assert train.should_compile(default, cuda) is True and train.should_compile(on, cuda) is True
+    assert train.should_compile(off, cuda) is False
+    assert train.should_compile(default, cpu) is False and train.should_compile(on, cpu) is True
+
+    monkeypatch.setattr(train.importlib.util, "find_spec", lambda name: None)  # Windows: no Triton
+    assert train.should_compile(default, cuda) is False
+    with pytest.raises(SystemExit, match="Triton"):
+        train.should_compile(on, cuda)
 
 
 def test_a_compiled_run_can_be_resumed_without_compiling(tmp_path):
@@ -447,6 +456,9 @@ def test_a_compiled_run_can_be_resumed_without_compiling(tmp_path):
     torch.save(checkpoint, tmp_path / "last.pt")
     assert train.parse_args(["--resume", str(tmp_path / "last.pt")]).compile is True
     assert train.parse_args(["--resume", str(tmp_path / "last.pt"), "--no-compile"]).compile is False
+    checkpoint["args"] = vars(train.parse_args(["--epochs", "3"]))  # compile left to the machine it resumes on
+    torch.save(checkpoint, tmp_path / "last.pt")
+    assert train.parse_args(["--resume", str(tmp_path / "last.pt")]).compile is None
 
 
 def test_demo_makes_its_data_when_missing(tmp_path):
