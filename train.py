@@ -542,7 +542,7 @@ def main(args: argparse.Namespace) -> int:
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
     if compile_model:
-        model = torch.compile(model)
+        model = torch.compile(model, dynamic=False)  # every step's batch has the same shape (drop_last)
 
     out = run_dir(args)
     if is_main:
