@@ -96,7 +96,7 @@ def get_args_parser(add_help: bool = True, suppress_defaults: bool = False) -> a
         help="mixed precision: bf16 on CUDA where supported, else fp16 with a grad scaler; always off on CPU (default: auto)")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last memory format (default: on with CUDA)")
     add("--compile", action=argparse.BooleanOptionalAction, default=None,
-        help="torch.compile the model: the first epoch compiles it (about a minute), later ones run faster "
+        help="torch.compile the model: the first epoch compiles it (a minute or two), later ones run faster "
              "(default: on with a CUDA GPU that Triton supports, off elsewhere)")
     add("--output-dir", default="checkpoints", help="folder of run folders (default: checkpoints)")
     add("--run-name", default=None, help="run folder name under --output-dir (default: the model name)")
