@@ -302,8 +302,14 @@ class FetchLog(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         with open(self.log, "a") as f:
-            f.write(f"{i}\n")
+            f.write(f"{os.getpid()} {i}\n")
         return torch.full((2, 2, 3), i, dtype=torch.uint8), i % 2
+
+
+def fetched_by_workers(log) -> list[str]:
+    """The items of a log of "pid item" lines that a process other than this one (a loader's worker) fetched."""
+    lines = [line.split(" ", 1) for line in log.read_text().splitlines()] if log.exists() else []
+    return [item for pid, item in lines if int(pid) != os.getpid()]
 
 
 def test_epoch_stream_gives_each_epoch_in_order_and_decodes_the_next_one_ahead(tmp_path):
@@ -314,7 +320,7 @@ def test_epoch_stream_gives_each_epoch_in_order_and_decodes_the_next_one_ahead(t
     stream = utils.EpochStream(loader, len(sampler))
     first = [batch[0].tolist() for batch in stream]
     assert len(first) == len(stream) == 2
-    next_epoch_fetched = wait_for(lambda: len(log.read_text().split()) > 6)  # 2 batches of 3 taken
+    next_epoch_fetched = wait_for(lambda: len(fetched_by_workers(log)) > 6)  # 2 batches of 3 taken
     assert next_epoch_fetched, "the worker waited for the next epoch to be asked for"
     later = [[batch[0].tolist() for batch in stream] for _ in range(3)]
     assert later[2] == []  # the run ends after epoch 3 (0-based)
@@ -322,6 +328,48 @@ def test_epoch_stream_gives_each_epoch_in_order_and_decodes_the_next_one_ahead(t
         expected = utils.EpochBatchSampler(8, 3, shuffle=True, seed=2, drop_last=True)
         expected.set_epoch(epoch)
         assert batches == list(expected)
+
+
+def test_slot_loader_gives_a_dataloaders_batches_and_keeps_each_until_the_batch_after_next(demo_root):
+    from torch.utils.data import DataLoader
+
+    from dataloader import Preprocess, RetinopathyLoader
+
+    train_set = RetinopathyLoader(demo_root, "train", preprocess=Preprocess(crop=48), output="uint8")
+    sampler = utils.EpochBatchSampler(len(train_set), 5, shuffle=True, seed=3)  # 48 cells: 9 batches of 5, one of 3
+    loader = utils.SlotLoader(train_set, sampler, workers=2, prefetch=1)  # 4 slots: each comes round every 4th batch
+    assert loader.slots == 4
+    for epoch in range(2):  # the workers and the slots last from one pass to the next
+        sampler.set_epoch(epoch)
+        expected = list(DataLoader(utils.IndexedDataset(train_set), batch_sampler=sampler))
+        taken = []
+        for batch in loader:
+            taken.append(batch)
+            for k in range(max(0, len(taken) - 2), len(taken)):  # this batch and the one before are intact
+                torch.testing.assert_close(taken[k][1], expected[k][1], rtol=0, atol=0)
+        assert len(taken) == len(loader) == 10
+        for (index, _, labels), (want_index, _, want_labels) in zip(taken, expected):
+            assert torch.equal(index, want_index) and torch.equal(labels, want_labels)
+
+    test_set = RetinopathyLoader(demo_root, "test", preprocess=Preprocess(crop=48), output="uint8", model="resnet18")
+    batches = list(utils.SlotLoader(test_set, utils.EpochBatchSampler(len(test_set), 4, shuffle=False), workers=1))
+    assert [len(b) for b in batches] == [2, 2, 2] and torch.equal(torch.cat([b[0] for b in batches]), torch.arange(12))
+    torch.testing.assert_close(batches[-1][1], torch.stack([test_set[i] for i in range(8, 12)]), rtol=0, atol=0)
+
+
+def test_slot_loader_names_an_image_of_another_size(demo_root, tmp_path):
+    import re
+    import shutil
+
+    from PIL import Image
+
+    from dataloader import DataError, RetinopathyLoader
+
+    root = shutil.copytree(demo_root, tmp_path / "demo")
+    cells = RetinopathyLoader(str(root), "valid", output="uint8")  # no crop: each image at its own size
+    Image.new("RGB", (40, 64)).save(cells.img_name[5], format="BMP")
+    with pytest.raises(DataError, match=re.escape(f"{cells.img_name[5]} decodes to (64, 40, 3), the first image to (64, 64, 3)")):
+        list(utils.SlotLoader(cells, utils.EpochBatchSampler(len(cells), 4, shuffle=False), workers=1))
 
 
 def test_the_valid_set_is_decoded_while_the_epoch_trains(demo_root, tmp_path, monkeypatch):
@@ -332,11 +380,11 @@ def test_the_valid_set_is_decoded_while_the_epoch_trains(demo_root, tmp_path, mo
 
     def logged_decode(path, crop, size):  # the forked workers inherit it
         with open(log, "a") as f:
-            f.write(path + "\n")
+            f.write(f"{os.getpid()} {path}\n")
         return decode(path, crop, size)
 
-    def valid_decoded():
-        return bool(valid_paths & set(log.read_text().splitlines())) if log.exists() else False
+    def valid_decoded():  # by the valid loader's workers: the loaders decode one image here, for its shape
+        return bool(valid_paths & set(fetched_by_workers(log)))
 
     during_training = []
 
