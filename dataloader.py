@@ -327,10 +327,11 @@ class BatchTransform:
         # long contiguous rows instead of triples (several times faster on a CPU).
         scale_rows = scale.repeat(1, w).view(n, 1, w * c)
         out = torch.empty((n, c, h, w), dtype=torch.float32, device=x.device)
-        # A GPU takes the batch at once. A CPU takes one image per thread at a time (grid_sample shares a batch
-        # out among threads by image), so that each image's floats and sampling grid stay in its core's cache:
-        # about twice as fast as whole batches.
-        step = torch.get_num_threads() if x.device.type == "cpu" else n
+        # A GPU takes the batch at once. A CPU takes two images per thread at a time (grid_sample shares a batch
+        # out among threads by image), so that their floats and sampling grids stay in its core's caches: about
+        # twice as fast as whole batches. Two rather than one: half as many waits of the threads for each other,
+        # which with decoding workers on the same cores gave 10-15% more images/s.
+        step = 2 * torch.get_num_threads() if x.device.type == "cpu" else n
         floats = torch.empty((min(step, n), h, w, c), dtype=torch.float32, device=x.device)  # reused by every step
         for s in range(0, n, step):
             part = floats[: min(step, n - s)].copy_(x[s : s + step])
