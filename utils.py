@@ -206,6 +206,9 @@ class RunBatchSampler(Sampler):
     def __init__(self, sampler: EpochBatchSampler, epochs: int):
         self.sampler, self.epochs, self.batch_size = sampler, epochs, sampler.batch_size
 
+    def __len__(self) -> int:
+        return (self.epochs - self.sampler.epoch) * len(self.sampler)
+
     def __iter__(self) -> Iterator[list[int]]:
         for epoch in range(self.sampler.epoch, self.epochs):
             self.sampler.set_epoch(epoch)
@@ -273,12 +276,12 @@ class SlotLoader:
 
     The slots are taken in turn. A DataLoader has at most workers * prefetch batches in flight, so with two
     slots more, a batch's images stay as they are until the consumer takes the batch after next: use them
-    before then (train.py and evaluation transform each batch as it comes). Every image must have the first
-    one's shape, as in any batch.
+    before then (train.py and evaluation transform each batch as it comes). A pass of fewer batches, such as
+    the valid set's, gets a slot for each. Every image must have the first one's shape, as in any batch.
     """
 
     def __init__(self, dataset: Dataset, sampler: Sampler, workers: int, prefetch: int = 4):
-        self.sampler, self.slots = sampler, workers * prefetch + 2
+        self.sampler, self.slots = sampler, min(workers * prefetch + 2, len(sampler))  # a short pass: a slot a batch
         first = dataset[0]  # decoded here once, for the shape of the buffer
         first = first[0] if isinstance(first, tuple) else first
         self.images = torch.empty((self.slots, sampler.batch_size, *first.shape), dtype=first.dtype).share_memory_()

@@ -317,6 +317,7 @@ def test_epoch_stream_gives_each_epoch_in_order_and_decodes_the_next_one_ahead(t
     sampler = utils.EpochBatchSampler(8, 3, shuffle=True, seed=2, drop_last=True)
     sampler.set_epoch(1)  # a run resumed after its first epoch
     loader = utils.make_loader(FetchLog(8, log), utils.RunBatchSampler(sampler, 4), workers=1, pin_memory=False)
+    assert len(loader) == 3 * 2  # epochs 1 to 3, 2 batches each
     stream = utils.EpochStream(loader, len(sampler))
     first = [batch[0].tolist() for batch in stream]
     assert len(first) == len(stream) == 2
@@ -352,7 +353,9 @@ def test_slot_loader_gives_a_dataloaders_batches_and_keeps_each_until_the_batch_
             assert torch.equal(index, want_index) and torch.equal(labels, want_labels)
 
     test_set = RetinopathyLoader(demo_root, "test", preprocess=Preprocess(crop=48), output="uint8", model="resnet18")
-    batches = list(utils.SlotLoader(test_set, utils.EpochBatchSampler(len(test_set), 4, shuffle=False), workers=1))
+    test_loader = utils.SlotLoader(test_set, utils.EpochBatchSampler(len(test_set), 4, shuffle=False), workers=1)
+    assert test_loader.slots == 3  # one pass of 3 batches: a slot each, not workers * prefetch + 2 = 6
+    batches = list(test_loader)
     assert [len(b) for b in batches] == [2, 2, 2] and torch.equal(torch.cat([b[0] for b in batches]), torch.arange(12))
     torch.testing.assert_close(batches[-1][1], torch.stack([test_set[i] for i in range(8, 12)]), rtol=0, atol=0)
 
