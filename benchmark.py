@@ -69,7 +69,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=utils.non_negative_int, default=os.cpu_count() or 1, help="data-loading processes for both pipelines (default: all cores)")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if not in the built-in table")
     parser.add_argument("--skip-compile", action="store_true",
-                        help="time train.py with --no-compile only: quicker, and for a GPU without Triton (default: its own default)")
+                        help="time train.py with --no-compile throughout: quicker, and for a GPU without Triton (default: train.py's choice)")
     parser.add_argument("--json", help="write the figures to this JSON file, after each part")
     return parser
 

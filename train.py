@@ -447,7 +447,7 @@ def should_compile(args: argparse.Namespace, device: torch.device) -> bool:
     """--compile or --no-compile as given; unset, on where it pays off: a CUDA GPU that Triton can write kernels for
     (Triton installed, which it is not on Windows; compute capability 7.0, Volta, or newer). There it fuses the
     elementwise work between the convolutions: a ResNet50 epoch ran 1.4x as fast on an H200 (BENCHMARKS.md), for
-    about a minute of compiling in the first epoch. Asked for on a GPU it cannot serve, such as the P100 of some free
+    a minute or two of compiling in the first epoch. Asked for on a GPU it cannot serve, such as the P100 of some free
     notebooks, it stops here with the reason instead of deep in the compiler at the first step."""
     if device.type != "cuda":
         return bool(args.compile)
