@@ -316,7 +316,7 @@ def ours_epoch(root: str, name: str, batch_size: int, workers: int, device, crop
     compiled = train.should_compile(args, device)
     if compiled:
         torch._dynamo.reset()  # compiled afresh, as in a new train.py process, not re-specialised from the last model
-    step_model = torch.compile(model, dynamic=False) if compiled else model
+    step_model = train.compile_for_training(model) if compiled else model
     timed = TimedBatches(train_batches, device)
     results, first_epoch_seconds = {}, None
     for epoch in range(epochs):
