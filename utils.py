@@ -306,9 +306,6 @@ class SlotJobs(Sampler):
     def __init__(self, sampler: Sampler, slots: int):
         self.sampler, self.slots = sampler, slots
 
-    def __len__(self) -> int:
-        return len(self.sampler)
-
     def __iter__(self) -> Iterator[tuple[int, list[int]]]:
         for k, indices in enumerate(self.sampler):
             yield k % self.slots, indices
@@ -319,9 +316,6 @@ class SlotFiller(Dataset):
 
     def __init__(self, dataset: Dataset, images: torch.Tensor):
         self.dataset, self.images = dataset, images
-
-    def __len__(self) -> int:
-        return len(self.dataset)
 
     def __getitem__(self, job: tuple[int, list[int]]):
         slot, indices = job
