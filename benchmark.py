@@ -193,13 +193,13 @@ def pipeline_vs_report(root: str, cfg: dict, workers: int, device, pin: bool) ->
     def ours(crop: int | None, host_only: bool, pinned: bool = pin) -> Callable[[], float]:
         preprocess = Preprocess(crop=crop)
         dataset = RetinopathyLoader(root, "train", preprocess=preprocess, output="uint8")
-        transform = BatchTransform(preprocess, Augment())
+        transform = None if host_only else BatchTransform(preprocess, Augment())  # host only: decode and crop to uint8
+        loader_device = device if pinned or device.type == "cpu" else torch.device("cpu")  # a GPU's batches, unpinned
 
         def measure() -> float:  # a fresh loader each time: nothing decoded ahead by the one before
-            loader = utils.make_loader(dataset, utils.EpochBatchSampler(len(dataset), batch, shuffle=True), workers, pinned)
-            if host_only:  # decode and crop to uint8 batches: all the CPU does when a GPU trains
-                return pipeline_rate(loader, torch.device("cpu"), images=n)
-            return pipeline_rate(loader, device, lambda x: transform(x, None), images=n)
+            sampler = utils.EpochBatchSampler(len(dataset), batch, shuffle=True)
+            loader, left = utils.make_loader(dataset, sampler, workers, loader_device, transform, seeds=lambda epoch, step: step)
+            return pipeline_rate(loader, device if transform else torch.device("cpu"), left, images=n)
 
         return measure
 
@@ -311,7 +311,8 @@ def ours_epoch(root: str, name: str, batch_size: int, workers: int, device, crop
     args.rank, args.world_size = 0, 1
     train.seed_everything(args.seed, False)
     preprocess, augment = train.transforms_from_args(args)
-    train_batches, _, _, labels, _ = train.load_data(args, preprocess, 0, 1, device)
+    train_batches, transform, _, _, _, labels, _ = train.load_data(args, BatchTransform(preprocess, augment), BatchTransform(preprocess),
+                                                                   0, 1, device)
     model, channels_last, dtype, optimizer, scheduler, scaler, ema, criterion = train.build_training(args, device, labels, len(train_batches))
     compiled = train.should_compile(args, device)
     if compiled:
@@ -322,8 +323,8 @@ def ours_epoch(root: str, name: str, batch_size: int, workers: int, device, crop
     for epoch in range(epochs):
         timed.reset()
         with host_syncs(device) as syncs:
-            stats = train.train_one_epoch(step_model, ema, timed, BatchTransform(preprocess, augment), optimizer, scheduler,
-                                          scaler, criterion, epoch, args, device, dtype, channels_last, train.StopRequest(), False)
+            stats = train.train_one_epoch(step_model, ema, timed, transform, optimizer, scheduler, scaler, criterion, epoch, args,
+                                          device, dtype, channels_last, train.StopRequest(), False)
         first_epoch_seconds = first_epoch_seconds or stats["seconds"]  # with --compile, the compilation's too
         waits = timed.device_waits()
         results = {"images_per_s": stats["images_per_s"], "seconds": stats["seconds"], "first_epoch_seconds": first_epoch_seconds,

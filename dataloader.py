@@ -6,9 +6,10 @@ Layout (see data/README.md): <root>/train.csv and valid.csv (Path,label), <root>
 The pipeline has two halves so that it runs as fast on a GPU as on a laptop:
   - decode_image (CPU, in DataLoader workers): read the file (the course's 24-bit BMPs with numpy, anything else
     with PIL), make it RGB, centre-crop the black border, resize, and return uint8 (H, W, 3). Nothing else
-    crosses to the training device.
-  - BatchTransform (on the training device, batched): flips, rotation and zoom in one affine grid_sample,
-    stain/colour jitter, float conversion and normalisation.
+    crosses to a GPU.
+  - BatchTransform (batched): flips, rotation and zoom in one affine grid_sample, stain/colour jitter, float
+    conversion and normalisation. A GPU runs it on its batches; where the CPU trains, the workers run it too,
+    right after decoding (utils.SlotLoader).
 A RetinopathyLoader with output="float" runs both halves per image, so there is one copy of each transform.
 
     python dataloader.py --check [--data-root data]        scan every file and report problems
@@ -294,14 +295,15 @@ class BatchTransform:
     Flips, rotation and scale are folded into one affine matrix per image and applied by one nearest-neighbour
     grid_sample (the pixels torchvision's RandomRotation picks by default, tested); the border they uncover
     is black, like the slide background. Stain and brightness gains fold into the normalisation.
-    The random draws come from `generator` (a CPU generator) and do not depend on the device.
+    The random draws come from `generator` (a CPU generator) and do not depend on the device. The result goes
+    into `out` when given (a loader's shared slot), else into a new tensor.
     """
 
     def __init__(self, preprocess: Preprocess, augment: Augment | None = None):
         self.preprocess = preprocess
         self.augment = augment or NO_AUGMENT
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         a, (n, h, w, c) = self.augment, x.shape
 
         def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
@@ -326,11 +328,11 @@ class BatchTransform:
         # A row of pixels is w * c numbers: per-channel factors repeated along it let the multiply run over
         # long contiguous rows instead of triples (several times faster on a CPU).
         scale_rows = scale.repeat(1, w).view(n, 1, w * c)
-        out = torch.empty((n, c, h, w), dtype=torch.float32, device=x.device)
+        out = torch.empty((n, c, h, w), dtype=torch.float32, device=x.device) if out is None else out
         # A GPU takes the batch at once. A CPU takes two images per thread at a time (grid_sample shares a batch
-        # out among threads by image), so that their floats and sampling grids stay in its core's caches: about
-        # twice as fast as whole batches. Two rather than one: half as many waits of the threads for each other,
-        # which with decoding workers on the same cores gave 10-15% more images/s.
+        # out among threads by image; a loader's worker has one thread), so that their floats and sampling grids
+        # stay in its core's caches: about twice as fast as whole batches. Two rather than one: with several
+        # threads, half as many waits of the threads for each other.
         step = 2 * torch.get_num_threads() if x.device.type == "cpu" else n
         floats = torch.empty((min(step, n), h, w, c), dtype=torch.float32, device=x.device)  # reused by every step
         for s in range(0, n, step):

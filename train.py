@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import glob
 import importlib.util
 import json
@@ -197,12 +198,15 @@ def transforms_from_args(args: argparse.Namespace) -> tuple[Preprocess, Augment]
     return Preprocess(crop=args.crop, size=args.image_size), augment
 
 
-def load_data(args: argparse.Namespace, preprocess: Preprocess, rank: int, world_size: int, device: torch.device):
-    """Train and valid batches, iterables of (index, uint8 images, labels), the train sampler and both label lists.
+def load_data(args: argparse.Namespace, train_transform: BatchTransform, eval_transform: BatchTransform, rank: int,
+              world_size: int, device: torch.device):
+    """Train and valid batches, iterables of (index, images, labels), each with what is left of its transform for the
+    loop to apply (utils.make_loader: on a CPU device the workers apply it all); the train sampler; both label lists.
 
     The train batches are one stream through every epoch (utils.EpochStream), starting at the train sampler's
     epoch: set it before the first epoch when a run resumes.
     """
+    preprocess = train_transform.preprocess
     train_set = RetinopathyLoader(args.data_root, "train", preprocess=preprocess, output="uint8")
     valid_set = RetinopathyLoader(args.data_root, "valid", preprocess=preprocess, output="uint8")
     check_both_classes(train_set.label, train_set.csv_path)
@@ -211,16 +215,23 @@ def load_data(args: argparse.Namespace, preprocess: Preprocess, rank: int, world
     if args.class_balance == "sampler":
         train_sampler = BalancedBatchSampler(train_set.label, train_sampler)
     valid_sampler = utils.EpochBatchSampler(len(valid_set), args.batch_size * 2, shuffle=False, rank=rank, world_size=world_size)
-    run_sampler, pin = utils.RunBatchSampler(train_sampler, args.epochs), device.type == "cuda"
+    run_sampler = utils.RunBatchSampler(train_sampler, args.epochs)
     if args.cache == "none":
-        train_batches = utils.make_loader(train_set, run_sampler, args.workers, pin)
-        valid_batches = utils.make_loader(valid_set, valid_sampler, args.workers, pin)
+        seeds = functools.partial(augment_seed, args)
+        train_batches, train_transform = utils.make_loader(train_set, run_sampler, args.workers, device, train_transform, seeds)
+        valid_batches, eval_transform = utils.make_loader(valid_set, valid_sampler, args.workers, device, eval_transform)
     else:
-        cache_device = device if args.cache == "gpu" else torch.device("cpu")
+        cache_device, pin = (device if args.cache == "gpu" else torch.device("cpu")), device.type == "cuda"
         train_batches = utils.CachedBatches(train_set, run_sampler, args.workers, cache_device, pin)
         valid_batches = utils.CachedBatches(valid_set, valid_sampler, args.workers, cache_device, pin)
     train_batches = utils.EpochStream(train_batches, len(train_sampler))
-    return train_batches, valid_batches, train_sampler, train_set.label, valid_set.label
+    return train_batches, train_transform, valid_batches, eval_transform, train_sampler, train_set.label, valid_set.label
+
+
+def augment_seed(args: argparse.Namespace, epoch: int, step: int) -> int:
+    """The seed of the random augmentation of a train batch: the batch's place in the run (and the process's rank)
+    sets it, so a resumed run draws the same, whether the device or the loader's workers draw it."""
+    return (args.seed * 1_000_003 + epoch * 1_009 + args.rank) * 100_003 + step
 
 
 class BalancedBatchSampler(utils.EpochBatchSampler):
@@ -346,14 +357,16 @@ def train_one_epoch(model, ema, batches, transform, optimizer, scheduler, scaler
                     channels_last, stop: StopRequest, show: bool) -> dict:
     """Train for one epoch; returns loss, accuracy and images/s (None if stopped by a signal)."""
     model.train()
-    generator = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch * 1_009 + args.rank)
+    generator = torch.Generator()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, steps, start = 0, len(batches), time.perf_counter()
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", unit="step", disable=not show or not sys.stderr.isatty(),
                dynamic_ncols=True, leave=False)
     for step, (_, x, y) in enumerate(batches):
-        x = transform(x.to(device, non_blocking=True), generator)
+        x = x.to(device, non_blocking=True)
+        if transform is not None:  # else the loader's workers transformed the batch (a CPU device)
+            x = transform(x, generator.manual_seed(augment_seed(args, epoch, step)))
         y = y.to(device, non_blocking=True)
         x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         with utils.autocast(device, dtype):
@@ -519,8 +532,8 @@ def main(args: argparse.Namespace) -> int:
     stop = StopRequest()
 
     preprocess, augment = transforms_from_args(args)
-    train_batches, valid_batches, train_sampler, train_labels, valid_labels = load_data(args, preprocess, rank, world_size, device)
-    train_transform, eval_transform = BatchTransform(preprocess, augment), BatchTransform(preprocess)
+    train_batches, train_transform, valid_batches, eval_transform, train_sampler, train_labels, valid_labels = load_data(
+        args, BatchTransform(preprocess, augment), BatchTransform(preprocess), rank, world_size, device)
 
     raw_model, channels_last, dtype, optimizer, scheduler, scaler, ema, criterion = build_training(
         args, device, train_labels, len(train_batches))

@@ -194,6 +194,11 @@ class EpochBatchSampler(Sampler):
         for i in range(0, stop, self.batch_size):
             yield idx[i : i + self.batch_size]
 
+    def numbered(self) -> Iterator[tuple[int, int, list[int]]]:
+        """(epoch, step, indices) of each batch of the current epoch."""
+        for step, indices in enumerate(self):
+            yield self.epoch, step, indices
+
     def __len__(self) -> int:
         n = len(self.indices())
         return n // self.batch_size if self.drop_last and n >= self.batch_size else -(-n // self.batch_size)
@@ -210,9 +215,14 @@ class RunBatchSampler(Sampler):
         return (self.epochs - self.sampler.epoch) * len(self.sampler)
 
     def __iter__(self) -> Iterator[list[int]]:
+        for _, _, indices in self.numbered():
+            yield indices
+
+    def numbered(self) -> Iterator[tuple[int, int, list[int]]]:
+        """(epoch, step, indices) of each batch of the run."""
         for epoch in range(self.sampler.epoch, self.epochs):
             self.sampler.set_epoch(epoch)
-            yield from self.sampler
+            yield from self.sampler.numbered()
 
 
 class EpochStream:
@@ -257,42 +267,60 @@ def ignore_ctrl_c(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def make_loader(dataset: Dataset, sampler: Sampler, workers: int, pin_memory: bool) -> Iterable:
-    """Batches of (index, uint8 images[, labels]) decoded by `workers` processes that live as long as the loader.
-    For a GPU they come in pinned memory; for a CPU through a SlotLoader's shared slots."""
-    if workers > 0 and not pin_memory:
-        return SlotLoader(dataset, sampler, workers)
-    return DataLoader(IndexedDataset(dataset), batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None, worker_init_fn=ignore_ctrl_c)
+def make_loader(dataset: Dataset, sampler: Sampler, workers: int, device: torch.device, transform: BatchTransform | None = None,
+                seeds: Callable[[int, int], int] | None = None) -> tuple[Iterable, BatchTransform | None]:
+    """Batches of (index, images[, labels]) decoded by `workers` processes that live as long as the loader, and what
+    is left of `transform` for the loop to apply to each batch on the device (None: nothing).
+
+    For a GPU the images come as uint8 in pinned memory, and the GPU transforms them. On a CPU device the workers
+    apply the transform too, into the shared slots of a SlotLoader, the random draws of a batch seeded by
+    seeds(epoch, step). With no workers the loop does it all.
+    """
+    if workers > 0 and device.type == "cpu":
+        return SlotLoader(dataset, sampler, workers, transform, seeds), None
+    loader = DataLoader(IndexedDataset(dataset), batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
+                        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None, worker_init_fn=ignore_ctrl_c)
+    return loader, transform
 
 
 class SlotLoader:
-    """Batches of (index, uint8 images[, labels]) that worker processes decode straight into the slots of one
-    shared-memory buffer, which lives as long as the loader: what a CPU that trains gets its batches from.
+    """Batches of (index, images[, labels]) that worker processes make straight in the slots of one shared-memory
+    buffer, which lives as long as the loader: how a CPU device gets its batches.
 
-    A DataLoader's worker puts every batch into fresh shared memory, which the kernel then zeroes and maps page by
-    page in both processes: on 2 cores that costs more than decoding the images does (0.4 against 0.3 ms an
-    image), and the input pipeline ran at about 960 img/s that way against 1,350 this way (BENCHMARKS.md).
+    The workers decode each batch's images and, given a BatchTransform, apply it too, one thread each: the batch
+    then comes as float (N, 3, H, W), ready for the network. Its random draws come from a generator seeded by
+    seeds(epoch, step) (the sampler's numbered batches), so they depend neither on the workers nor on the
+    device: the loop of a GPU seeds them alike. Without a transform the images stay uint8 (H, W, 3).
+
+    Why, on 2 cores (BENCHMARKS.md): a DataLoader's worker puts every batch into fresh shared memory, which the
+    kernel then zeroes and maps page by page in both processes; with uint8 slots instead, the input pipeline went
+    from 960 to 1,350 img/s. And with the transform in the training process, its two threads and the two workers
+    took turns on the cores, and each image crossed the caches twice: transformed by the worker that decoded it,
+    1,190 img/s became 1,380 (medians of six turns in one process). A slot of floats is 4 times the size of a
+    uint8 one, and there are as many as a DataLoader with float batches holds (two a worker), plus two.
 
     The slots are taken in turn. A DataLoader has at most workers * prefetch batches in flight, so with two
-    slots more, a batch's images stay as they are until the consumer takes the batch after next: use them
-    before then (train.py and evaluation transform each batch as it comes). A pass of fewer batches, such as
-    the valid set's, gets a slot for each. Every image must have the first one's shape, as in any batch.
+    slots more, a batch stays as it is until the consumer takes the batch after next: use it before then
+    (train.py and evaluation do). A pass of fewer batches, such as the valid set's, gets a slot for each. Every
+    image must have the first one's shape, as in any batch.
     """
 
-    def __init__(self, dataset: Dataset, sampler: Sampler, workers: int, prefetch: int = 4):
+    def __init__(self, dataset: Dataset, sampler: Sampler, workers: int, transform: BatchTransform | None = None,
+                 seeds: Callable[[int, int], int] | None = None, prefetch: int = 2):
         self.sampler, self.slots = sampler, min(workers * prefetch + 2, len(sampler))  # a short pass: a slot a batch
         first = dataset[0]  # decoded here once, for the shape of the buffer
-        first = first[0] if isinstance(first, tuple) else first
-        self.images = torch.empty((self.slots, sampler.batch_size, *first.shape), dtype=first.dtype).share_memory_()
-        self.loader = DataLoader(SlotFiller(dataset, self.images), sampler=SlotJobs(sampler, self.slots), batch_size=None,
-                                 num_workers=workers, persistent_workers=True, prefetch_factor=prefetch, worker_init_fn=ignore_ctrl_c)
+        h, w, c = (first[0] if isinstance(first, tuple) else first).shape
+        shape, dtype = ((c, h, w), torch.float32) if transform is not None else ((h, w, c), torch.uint8)
+        self.images = torch.empty((self.slots, sampler.batch_size, *shape), dtype=dtype).share_memory_()
+        self.loader = DataLoader(SlotFiller(dataset, self.images, (h, w, c), transform), sampler=SlotJobs(sampler, self.slots, seeds),
+                                 batch_size=None, num_workers=workers, persistent_workers=True, prefetch_factor=prefetch,
+                                 worker_init_fn=ignore_ctrl_c)
 
     def __len__(self) -> int:
         return len(self.sampler)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        return self.batches(iter(self.loader))  # the workers start decoding now, as with a DataLoader
+        return self.batches(iter(self.loader))  # the workers start now, as with a DataLoader
 
     def batches(self, jobs: Iterator) -> Iterator[tuple[torch.Tensor, ...]]:
         for slot, indices, labels in jobs:
@@ -301,34 +329,45 @@ class SlotLoader:
 
 
 class SlotJobs(Sampler):
-    """A batch sampler's batches as (slot, indices): the k-th batch of each pass goes to slot k % slots."""
+    """A batch sampler's batches as jobs (slot, indices, seed): the k-th batch of each pass goes to slot k % slots;
+    the seed, of its random draws, is seeds(epoch, step), or None without seeds."""
 
-    def __init__(self, sampler: Sampler, slots: int):
-        self.sampler, self.slots = sampler, slots
+    def __init__(self, sampler: Sampler, slots: int, seeds: Callable[[int, int], int] | None):
+        self.sampler, self.slots, self.seeds = sampler, slots, seeds
 
-    def __iter__(self) -> Iterator[tuple[int, list[int]]]:
-        for k, indices in enumerate(self.sampler):
-            yield k % self.slots, indices
+    def __iter__(self) -> Iterator[tuple[int, list[int], int | None]]:
+        for k, (epoch, step, indices) in enumerate(self.sampler.numbered()):
+            yield k % self.slots, indices, None if self.seeds is None else self.seeds(epoch, step)
 
 
 class SlotFiller(Dataset):
-    """Run in a worker: decodes a batch's images into its slot and returns (slot, indices, labels or None)."""
+    """Run in a worker: makes a job's batch in its slot and returns (slot, indices, labels or None)."""
 
-    def __init__(self, dataset: Dataset, images: torch.Tensor):
-        self.dataset, self.images = dataset, images
+    def __init__(self, dataset: Dataset, images: torch.Tensor, shape: tuple[int, int, int], transform: BatchTransform | None):
+        self.dataset, self.images, self.shape, self.transform = dataset, images, shape, transform
+        self.decoded = None  # with a transform: the worker's own uint8 batch, made on its first job
 
-    def __getitem__(self, job: tuple[int, list[int]]):
-        slot, indices = job
+    def __getitem__(self, job: tuple[int, list[int], int | None]):
+        slot, indices, seed = job
+        if self.transform is None:
+            decoded = self.images[slot, : len(indices)]
+        else:
+            if self.decoded is None:
+                self.decoded = torch.empty((self.images.shape[1], *self.shape), dtype=torch.uint8)
+            decoded = self.decoded[: len(indices)]
         labels = []
         for i, index in enumerate(indices):
             item = self.dataset[index]
             image = item[0] if isinstance(item, tuple) else item
-            if image.shape != self.images.shape[2:]:
+            if image.shape != self.shape:
                 name = getattr(self.dataset, "img_name", None)
                 raise DataError(f"{name[index] if name else f'item {index}'} decodes to {tuple(image.shape)}, the first image to "
-                                f"{tuple(self.images.shape[2:])}: images of one batch must match (--crop or --image-size make them)")
-            self.images[slot, i].copy_(image)
+                                f"{self.shape}: images of one batch must match (--crop or --image-size make them)")
+            decoded[i].copy_(image)
             labels.append(item[1] if isinstance(item, tuple) else None)
+        if self.transform is not None:
+            generator = None if seed is None else torch.Generator().manual_seed(seed)
+            self.transform(decoded, generator, out=self.images[slot, : len(indices)])
         return slot, list(indices), None if labels[0] is None else labels
 
 
@@ -365,14 +404,15 @@ class CachedBatches:
 
 
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, batches, transform: BatchTransform, device: torch.device,
+def predict_logits(model: torch.nn.Module, batches, transform: BatchTransform | None, device: torch.device,
                    dtype: torch.dtype | None = None, channels_last: bool = False, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(indices, float32 logits) over batches of (index, uint8 image[, label]); with tta, averaged over 4 flips."""
+    """(indices, float32 logits) over batches of (index, image[, label]), uint8 images transformed here (float ones,
+    with transform None, already were); with tta, averaged over 4 flips."""
     model.eval()
     all_index, all_logits = [], []
     for batch in batches:
         index, x = batch[0], batch[1].to(device, non_blocking=True)
-        x = transform(x)
+        x = transform(x) if transform is not None else x
         x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         views = [x, x.flip(3), x.flip(2), x.flip(2).flip(3)] if tta else [x]
         with autocast(device, dtype):
@@ -386,9 +426,8 @@ def dataset_logits(model: torch.nn.Module, preprocess: Preprocess, dataset: Data
                    batch_size: int = 64, workers: int = 2, tta: bool = False) -> torch.Tensor:
     """float32 logits (N, classes) for every item of a uint8 dataset, in dataset order. Never shuffled."""
     sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=False)
-    loader = DataLoader(IndexedDataset(dataset), batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda")
-    index, logits = predict_logits(model, loader, BatchTransform(preprocess), device, amp_dtype(device),
-                                   channels_last=device.type == "cuda", tta=tta)
+    batches, transform = make_loader(dataset, sampler, workers, device, BatchTransform(preprocess))
+    index, logits = predict_logits(model, batches, transform, device, amp_dtype(device), channels_last=device.type == "cuda", tta=tta)
     assert torch.equal(index, torch.arange(len(dataset))), "predictions must come back in dataset order"
     return logits
 

@@ -100,6 +100,13 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(demo_root, tmp_path):
     assert_same_history(read_history(tmp_path / "straight" / "history.csv"), read_history(tmp_path / "killed" / "history.csv"))
 
 
+def test_a_run_is_the_same_whether_workers_or_the_training_process_transform_its_batches(demo_root, tmp_path):
+    run_train(demo_root, tmp_path, "--epochs", "2", "--run-name", "here")  # --workers 0: the loop transforms each batch
+    run_train(demo_root, tmp_path, "--epochs", "2", "--run-name", "workers", "--workers", "2")  # the workers do (a CPU device)
+    assert_same_history(read_history(tmp_path / "here" / "history.csv"), read_history(tmp_path / "workers" / "history.csv"))
+    assert_same_weights(weights(tmp_path / "here" / "last.pt"), weights(tmp_path / "workers" / "last.pt"))
+
+
 def test_finished_run_resumed_with_more_epochs_goes_on(demo_root, tmp_path):
     flags = ["--deterministic", "--scheduler", "step", "--lr-step", "2", "--ema", "0"]
     run_train(demo_root, tmp_path, "--epochs", "3", *flags, "--run-name", "straight")
@@ -316,7 +323,7 @@ def test_epoch_stream_gives_each_epoch_in_order_and_decodes_the_next_one_ahead(t
     log = tmp_path / "fetched.txt"
     sampler = utils.EpochBatchSampler(8, 3, shuffle=True, seed=2, drop_last=True)
     sampler.set_epoch(1)  # a run resumed after its first epoch
-    loader = utils.make_loader(FetchLog(8, log), utils.RunBatchSampler(sampler, 4), workers=1, pin_memory=False)
+    loader, _ = utils.make_loader(FetchLog(8, log), utils.RunBatchSampler(sampler, 4), workers=1, device=torch.device("cpu"))
     assert len(loader) == 3 * 2  # epochs 1 to 3, 2 batches each
     stream = utils.EpochStream(loader, len(sampler))
     first = [batch[0].tolist() for batch in stream]
@@ -354,10 +361,43 @@ def test_slot_loader_gives_a_dataloaders_batches_and_keeps_each_until_the_batch_
 
     test_set = RetinopathyLoader(demo_root, "test", preprocess=Preprocess(crop=48), output="uint8", model="resnet18")
     test_loader = utils.SlotLoader(test_set, utils.EpochBatchSampler(len(test_set), 4, shuffle=False), workers=1)
-    assert test_loader.slots == 3  # one pass of 3 batches: a slot each, not workers * prefetch + 2 = 6
+    assert test_loader.slots == 3  # one pass of 3 batches: a slot each, not workers * prefetch + 2 = 4
     batches = list(test_loader)
     assert [len(b) for b in batches] == [2, 2, 2] and torch.equal(torch.cat([b[0] for b in batches]), torch.arange(12))
     torch.testing.assert_close(batches[-1][1], torch.stack([test_set[i] for i in range(8, 12)]), rtol=0, atol=0)
+
+
+def test_slot_loader_workers_transform_batches_as_the_device_would_with_the_same_seeds(demo_root):
+    from torch.utils.data import DataLoader
+
+    from dataloader import Augment, BatchTransform, Preprocess, RetinopathyLoader
+
+    preprocess = Preprocess(crop=48)
+    train_set = RetinopathyLoader(demo_root, "train", preprocess=preprocess, output="uint8")
+    transform = BatchTransform(preprocess, Augment())
+    sampler = utils.EpochBatchSampler(len(train_set), 5, shuffle=True, seed=3, drop_last=True)  # 9 batches an epoch
+
+    def seeds(epoch, step):
+        return 1000 * epoch + step
+
+    expected = []
+    for epoch in (1, 2):  # each batch decoded and transformed here, its draws seeded alike
+        sampler.set_epoch(epoch)
+        for step, (index, x, y) in enumerate(DataLoader(utils.IndexedDataset(train_set), batch_sampler=sampler)):
+            expected.append((index, transform(x, torch.Generator().manual_seed(seeds(epoch, step))), y))
+            if epoch == step == 1:  # the seed matters: another one draws other flips, rotations and gains
+                assert not torch.allclose(expected[-1][1], transform(x, torch.Generator().manual_seed(seeds(epoch, step) + 1)))
+
+    sampler.set_epoch(1)  # a run resumed after its first epoch, to end after its third
+    loader, left = utils.make_loader(train_set, utils.RunBatchSampler(sampler, 3), 2, torch.device("cpu"), transform, seeds)
+    assert isinstance(loader, utils.SlotLoader) and left is None
+    taken = 0
+    for (index, x, y), (want_index, want_x, want_y) in zip(loader, expected, strict=True):
+        assert x.shape == (5, 3, 48, 48) and x.dtype == torch.float32
+        assert torch.equal(index, want_index) and torch.equal(y, want_y)
+        torch.testing.assert_close(x, want_x, rtol=0, atol=1e-6)
+        taken += 1
+    assert taken == 2 * 9
 
 
 def test_slot_loader_names_an_image_of_another_size(demo_root, tmp_path):
