@@ -367,6 +367,22 @@ def test_slot_loader_gives_a_dataloaders_batches_and_keeps_each_until_the_batch_
     torch.testing.assert_close(batches[-1][1], torch.stack([test_set[i] for i in range(8, 12)]), rtol=0, atol=0)
 
 
+def test_make_loader_leaves_the_transform_to_a_gpu_and_gives_it_to_a_cpus_workers(demo_root):
+    from torch.utils.data import DataLoader
+
+    from dataloader import Augment, BatchTransform, Preprocess, RetinopathyLoader
+
+    preprocess = Preprocess(crop=48)
+    cells = RetinopathyLoader(demo_root, "valid", preprocess=preprocess, output="uint8")
+    sampler, transform = utils.EpochBatchSampler(len(cells), 4, shuffle=False), BatchTransform(preprocess, Augment())
+    loader, left = utils.make_loader(cells, sampler, 2, torch.device("cuda"), transform)  # built, not iterated: no GPU needed
+    assert isinstance(loader, DataLoader) and loader.pin_memory and left is transform
+    loader, left = utils.make_loader(cells, sampler, 2, torch.device("cpu"), transform)
+    assert isinstance(loader, utils.SlotLoader) and loader.images.dtype == torch.float32 and left is None
+    loader, left = utils.make_loader(cells, sampler, 0, torch.device("cpu"), transform)  # no workers: the loop transforms
+    assert isinstance(loader, DataLoader) and not loader.pin_memory and left is transform
+
+
 def test_slot_loader_workers_transform_batches_as_the_device_would_with_the_same_seeds(demo_root):
     from torch.utils.data import DataLoader
 
