@@ -194,7 +194,7 @@ def pipeline_vs_report(root: str, cfg: dict, workers: int, device, pin: bool) ->
         preprocess = Preprocess(crop=crop)
         dataset = RetinopathyLoader(root, "train", preprocess=preprocess, output="uint8")
         transform = None if host_only else BatchTransform(preprocess, Augment())  # host only: decode and crop to uint8
-        loader_device = device if pinned or device.type == "cpu" else torch.device("cpu")  # a GPU's batches, unpinned
+        loader_device = device if pinned else torch.device("cpu")  # unpinned: the shared slots a CPU device gets
 
         def measure() -> float:  # a fresh loader each time: nothing decoded ahead by the one before
             sampler = utils.EpochBatchSampler(len(dataset), batch, shuffle=True)
@@ -311,8 +311,7 @@ def ours_epoch(root: str, name: str, batch_size: int, workers: int, device, crop
     args.rank, args.world_size = 0, 1
     train.seed_everything(args.seed, False)
     preprocess, augment = train.transforms_from_args(args)
-    train_batches, transform, _, _, _, labels, _ = train.load_data(args, BatchTransform(preprocess, augment), BatchTransform(preprocess),
-                                                                   0, 1, device)
+    train_batches, transform, _, _, _, labels, _ = train.load_data(args, preprocess, augment, 0, 1, device)
     model, channels_last, dtype, optimizer, scheduler, scaler, ema, criterion = train.build_training(args, device, labels, len(train_batches))
     compiled = train.should_compile(args, device)
     if compiled:

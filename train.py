@@ -198,15 +198,15 @@ def transforms_from_args(args: argparse.Namespace) -> tuple[Preprocess, Augment]
     return Preprocess(crop=args.crop, size=args.image_size), augment
 
 
-def load_data(args: argparse.Namespace, train_transform: BatchTransform, eval_transform: BatchTransform, rank: int,
-              world_size: int, device: torch.device):
-    """Train and valid batches, iterables of (index, images, labels), each with what is left of its transform for the
-    loop to apply (utils.make_loader: on a CPU device the workers apply it all); the train sampler; both label lists.
+def load_data(args: argparse.Namespace, preprocess: Preprocess, augment: Augment, rank: int, world_size: int, device: torch.device):
+    """Train and valid batches, iterables of (index, images, labels), each with what is left of its transform
+    (augmented for train) for the loop to apply (utils.make_loader: on a CPU device the workers apply it all); the
+    train sampler; both label lists.
 
     The train batches are one stream through every epoch (utils.EpochStream), starting at the train sampler's
     epoch: set it before the first epoch when a run resumes.
     """
-    preprocess = train_transform.preprocess
+    train_transform, eval_transform = BatchTransform(preprocess, augment), BatchTransform(preprocess)
     train_set = RetinopathyLoader(args.data_root, "train", preprocess=preprocess, output="uint8")
     valid_set = RetinopathyLoader(args.data_root, "valid", preprocess=preprocess, output="uint8")
     check_both_classes(train_set.label, train_set.csv_path)
@@ -533,7 +533,7 @@ def main(args: argparse.Namespace) -> int:
 
     preprocess, augment = transforms_from_args(args)
     train_batches, train_transform, valid_batches, eval_transform, train_sampler, train_labels, valid_labels = load_data(
-        args, BatchTransform(preprocess, augment), BatchTransform(preprocess), rank, world_size, device)
+        args, preprocess, augment, rank, world_size, device)
 
     raw_model, channels_last, dtype, optimizer, scheduler, scaler, ema, criterion = build_training(
         args, device, train_labels, len(train_batches))
