@@ -15,6 +15,7 @@ A RetinopathyLoader with output="float" runs both halves per image, so there is 
     python dataloader.py --check [--data-root data]        scan every file and report problems
     python dataloader.py --make-demo data/demo             write a synthetic dataset in the course layout
     python dataloader.py --import-cnmc SRC --out DIR       turn the public C-NMC release into the course layout
+    python dataloader.py --import-cnmc SRC --out DIR --folds 3    ...as patient-level folds DIR/fold_0..2
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import functools
 import io
 import math
 import os
+import shutil
 import struct
 import sys
 import tempfile
@@ -54,19 +56,29 @@ class Preprocess:
     crop: side of the centre square kept from the original image (px, before resizing); it removes the black
       border around the cell. None keeps the whole image. Images smaller than crop are kept whole.
     size: side of the network input after resizing. None keeps the cropped side.
+    color_norm: "dataset" normalises every image with mean and std alone; "cell" first brings each cell's mean
+      colour (its pixels brighter than the black background) to CELL_COLOR, so that a patient's stain and
+      microscope do not shift what the network sees.
     """
 
     crop: int | None = 350
     size: int | None = None
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    color_norm: str = "dataset"
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":
-        return cls(crop=d["crop"], size=d["size"], mean=tuple(d["mean"]), std=tuple(d["std"]))
+        return cls(crop=d["crop"], size=d["size"], mean=tuple(d["mean"]), std=tuple(d["std"]),
+                   color_norm=d.get("color_norm", "dataset"))
+
+
+COLOR_NORMS = ("dataset", "cell")
+CELL_COLOR = (71.0, 31.0, 81.0)  # the mean RGB of a cell's pixels over the C-NMC release
+BACKGROUND = 20  # a pixel no brighter than this in every channel is the slide's black background
 
 
 @dataclass
@@ -125,40 +137,77 @@ def read_csv(csv_path: str, labelled: bool, problems: list[str] | None = None) -
     return paths, (labels if labelled else None)
 
 
-def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
+class DiskFullError(OSError):
+    """A write that the disk has no room for; the message names the file, what it needed and what is free."""
+
+    def __init__(self, path: str, needed: int | None, free: int, kept: str):
+        need = f"needs {megabytes(needed)}" if needed else "did not fit"
+        super().__init__(errno.ENOSPC, f"disk full: {path} {need}, and {megabytes(free)} is free there; {kept}")
+        self.path, self.needed, self.free = path, needed, free
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def megabytes(n: int) -> str:
+    return f"{n / 1e6:,.0f} MB" if n >= 1e6 else f"{n / 1e6:.2f} MB"
+
+
+def free_space(path: str) -> int:
+    """Bytes free on the file system that holds path (a folder, or a file's folder)."""
+    return shutil.disk_usage(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))).free
+
+
+def atomic_write(path: str, write: Callable[[io.BufferedWriter], None], size: int | None = None) -> None:
     """Write path through a temporary file in the same folder, fsync it, then os.replace it over path.
 
-    A kill or a full disk at any moment leaves either the old file or the new one, never a broken one.
+    A kill or a full disk at any moment leaves either the old file or the new one, never a broken one. A full
+    disk raises DiskFullError: before anything is written when the expected size is given and does not fit,
+    else once the write fails, whichever layer raised the error (torch.save's zip writer raises RuntimeError).
+    The file gets the permissions the umask gives any new file.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    kept = "the previous version is intact" if os.path.exists(path) else "nothing was written"
+    if size is not None and free_space(folder) < size:
+        raise DiskFullError(path, size, free_space(folder), kept)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException as e:
+        full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+            isinstance(e, RuntimeError) and free_space(folder) < 1_000_000)
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            kept = "the previous version is intact" if os.path.exists(path) else "nothing was written"
-            raise OSError(e.errno, f"disk full while writing {path}; {kept}. Free some space and run again") from e
+        if full:
+            raise DiskFullError(path, size, free_space(folder), kept) from e
         raise
+
+
+def save_figure(fig, path: str, dpi: int) -> None:
+    """A matplotlib figure written through atomic_write, in the format its file name ends with."""
+    atomic_write(path, lambda f: fig.savefig(f, format=os.path.splitext(path)[1][1:], dpi=dpi))
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_csv_atomic(path: str, header: list[str], rows: list[list]) -> None:
     """A CSV file with Unix line ends, written through atomic_write."""
-
-    def write(f):
-        text = io.StringIO()
-        writer = csv.writer(text, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows)
-        f.write(text.getvalue().encode())
-
-    atomic_write(path, write)
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    data = text.getvalue().encode()
+    atomic_write(path, lambda f: f.write(data), size=len(data))
 
 
 def find_test_csv(root: str, model: str | None = None) -> str:
@@ -325,6 +374,8 @@ class BatchTransform:
         if matrices is not None:
             matrices = to_device(matrices, x.device)
         scale, bias = to_device(scale, x.device), to_device(bias, x.device)
+        if self.preprocess.color_norm == "cell":
+            scale = scale * cell_color_gain(x)
         # A row of pixels is w * c numbers: per-channel factors repeated along it let the multiply run over
         # long contiguous rows instead of triples (several times faster on a CPU).
         scale_rows = scale.repeat(1, w).view(n, 1, w * c)
@@ -343,6 +394,15 @@ class BatchTransform:
                 part = sample_nearest(part, matrices[s : s + step])
             torch.add(part, bias, out=out[s : s + step])
         return out
+
+
+def cell_color_gain(x: torch.Tensor) -> torch.Tensor:
+    """(N, 3) float: per image of uint8 (N, H, W, 3), the channel gains that bring the mean colour of its cell
+    (every pixel brighter than BACKGROUND in some channel) to CELL_COLOR."""
+    cell = x.amax(3, keepdim=True) > BACKGROUND
+    pixels = cell.sum((1, 2), dtype=torch.float32).clamp_min(1)
+    mean = (x * cell).sum((1, 2), dtype=torch.float32) / pixels
+    return torch.tensor(CELL_COLOR, device=x.device) / mean.clamp_min(1)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -446,6 +506,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="--make-demo: number of train, valid and test cells (default: 600 150 150)")
     parser.add_argument("--side", type=int, default=450, help="--make-demo: image side in px (default: 450, as the course)")
     parser.add_argument("--out", help="--import-cnmc: output folder")
+    parser.add_argument("--folds", type=int, metavar="K",
+                        help="--import-cnmc: write K patient-level folds OUT/fold_0 .. fold_<K-1> instead of one split, "
+                             "each holding out its own subjects in valid (the yardstick for unseen patients)")
     parser.add_argument("--split", choices=["subject", "random"], default="subject",
                         help="--import-cnmc: keep each subject in one split (default) or split cells at random")
     parser.add_argument("--valid-frac", type=float, default=0.2, help="--import-cnmc: share of cells for valid (default: 0.2)")
@@ -465,6 +528,9 @@ def main(args: argparse.Namespace) -> int:
     if not args.out:
         print("--import-cnmc needs --out DIR", file=sys.stderr)
         return 2
+    if args.folds is not None:
+        datatools.import_folds(args.import_cnmc, args.out, args.folds, seed=args.seed)
+        return 0
     datatools.import_cnmc(args.import_cnmc, args.out, split=args.split, valid_frac=args.valid_frac,
                           test_frac=args.test_frac, seed=args.seed)
     return 0

@@ -227,12 +227,14 @@ def find_cnmc_cells(src: str) -> tuple[list[tuple[str, str, int]], list[str]]:
 def assign_subjects(cells: list[tuple[str, str, int]], fractions: dict[str, float], seed: int) -> dict[str, str]:
     """subject -> split, every subject in one split, each class spread over the splits in the given fractions.
 
-    Greedy per class: subjects from largest to smallest go to the split furthest below its target,
-    which is as balanced as whole subjects allow.
+    Greedy per class: subjects from largest to smallest go to the split furthest below its target (on a tie, the
+    split with fewer cells so far), which is as balanced as whole subjects allow and puts the largest subjects
+    of a class in different splits.
     """
     count = Counter((subject, label) for _, subject, label in cells)
     rng = random.Random(seed)
     assignment: dict[str, str] = {}
+    cells_in = dict.fromkeys(fractions, 0)
     for label in (0, 1):
         subjects = [s for (s, l) in count if l == label]
         rng.shuffle(subjects)
@@ -240,9 +242,10 @@ def assign_subjects(cells: list[tuple[str, str, int]], fractions: dict[str, floa
         total = sum(count[s, label] for s in subjects)
         have = dict.fromkeys(fractions, 0)
         for subject in subjects:
-            split = max(fractions, key=lambda k: fractions[k] * total - have[k])
+            split = max(fractions, key=lambda k: (fractions[k] * total - have[k], -cells_in[k]))
             assignment[subject] = split
             have[split] += count[subject, label]
+            cells_in[split] += count[subject, label]
     return assignment
 
 
@@ -260,24 +263,70 @@ def place(src: str, dst: str) -> None:
 
 def import_cnmc(src: str, out: str, split: str = "subject", valid_frac: float = 0.2, test_frac: float = 0.2, seed: int = 0) -> dict:
     """Write the release at src in the course layout under out; returns {path: split}."""
-    cells, unparsed = find_cnmc_cells(src)
-    if not cells:
-        raise DataError(f"{src}: no cell images under all/ or hem/ folders named like UID_11_10_1_all.bmp")
-    if os.path.exists(os.path.join(out, "train.csv")):
-        raise DataError(f"{out} already holds a dataset (train.csv); choose another --out or delete it first")
+    cells = read_release(src, out)
     fractions = {"train": 1 - valid_frac - test_frac, "valid": valid_frac, "test": test_frac}
-    rng = random.Random(seed)
     if split == "subject":
         subject_split = assign_subjects(cells, fractions, seed)
         split_of = {path: subject_split[subject] for path, subject, _ in cells}
     else:
+        rng = random.Random(seed)
         split_of = {}
         for label in (0, 1):
             paths = [p for p, _, l in cells if l == label]
             rng.shuffle(paths)
             n_valid, n_test = round(valid_frac * len(paths)), round(test_frac * len(paths))
             split_of.update({p: "valid" if i < n_valid else "test" if i < n_valid + n_test else "train" for i, p in enumerate(paths)})
+    print(f"imported {len(cells)} cells of {len({s for _, s, _ in cells})} subjects from {src} to {out} ({split} split)")
+    write_layout(out, cells, split_of, seed)
+    print(f"  subjects per split: {os.path.join(out, 'subjects.csv')}; test labels: {os.path.join(out, 'test_labels.csv')}")
+    return split_of
 
+
+def import_folds(src: str, out: str, folds: int, seed: int = 0) -> dict[str, list[str]]:
+    """Patient-level cross-validation: out/fold_0 .. fold_<folds-1>, each in the course layout, whose valid split
+    holds one group of subjects and whose train split holds every other subject. Each subject is held out in
+    exactly one fold. The test CSVs list the valid cells without labels, so predict.py runs on a fold too.
+    Returns {fold name: its held-out subjects}."""
+    if folds < 2:
+        raise DataError(f"--folds {folds}: patient-level cross-validation needs at least 2 folds")
+    cells = read_release(src, out)
+    names = [f"fold_{k}" for k in range(folds)]
+    fold_of = assign_subjects(cells, dict.fromkeys(names, 1 / folds), seed)
+    held_out = {name: sorted({s for s, f in fold_of.items() if f == name}) for name in names}
+    if any(not subjects for subjects in held_out.values()):
+        raise DataError(f"{src}: {len(fold_of)} subjects cannot fill {folds} folds; use fewer --folds")
+    print(f"imported {len(cells)} cells of {len(fold_of)} subjects from {src} to {out} as {folds} patient-level folds")
+    for name in names:
+        split_of = {path: "valid" if fold_of[subject] == name else "train" for path, subject, _ in cells}
+        print(f"{name} (valid: the subjects {', '.join(held_out[name])})")
+        write_layout(os.path.join(out, name), cells, split_of, seed)
+    write_csv_atomic(os.path.join(out, "folds.csv"), ["fold", "subject", "label", "cells"],
+                     [[fold_of[s], s, CLASSES[label], n] for (s, label), n in sorted(Counter((s, l) for _, s, l in cells).items(),
+                                                                                     key=lambda item: (fold_of[item[0][0]], item[0]))])
+    print(f"  held-out subjects per fold: {os.path.join(out, 'folds.csv')}")
+    return held_out
+
+
+def read_release(src: str, out: str) -> list[tuple[str, str, int]]:
+    """(path, subject, label) of every cell of the release at src, after listing unparsed names in out/unparsed.txt;
+    refuses an out that already holds a dataset."""
+    cells, unparsed = find_cnmc_cells(src)
+    if not cells:
+        raise DataError(f"{src}: no cell images under all/ or hem/ folders named like UID_11_10_1_all.bmp")
+    if os.path.exists(os.path.join(out, "train.csv")) or os.path.exists(os.path.join(out, "fold_0", "train.csv")):
+        raise DataError(f"{out} already holds a dataset (train.csv); choose another --out or delete it first")
+    if unparsed:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "unparsed.txt"), "w") as f:
+            f.write("\n".join(unparsed) + "\n")
+        print(f"{len(unparsed)} files not imported: name not UID_<subject>_<image>_<cell>_<all|hem> or not matching "
+              f"its folder, e.g. {unparsed[0]} (all listed in {os.path.join(out, 'unparsed.txt')})")
+    return cells
+
+
+def write_layout(out: str, cells: list[tuple[str, str, int]], split_of: dict[str, str], seed: int) -> None:
+    """Link the cells into out/new_dataset/<split>/ and write train.csv, valid.csv, the test CSVs (the test split,
+    else the valid cells, unlabelled), test_labels.csv when there is a test split, and subjects.csv; print the table."""
     rows: dict[str, list[tuple[str, int]]] = defaultdict(list)
     for path, subject, label in cells:
         name = f"./new_dataset/{split_of[path]}/{os.path.basename(path)}"
@@ -285,27 +334,21 @@ def import_cnmc(src: str, out: str, split: str = "subject", valid_frac: float = 
         rows[split_of[path]].append((name, label))
     write_csv_atomic(os.path.join(out, "train.csv"), ["Path", "label"], rows["train"])
     write_csv_atomic(os.path.join(out, "valid.csv"), ["Path", "label"], rows["valid"])
-    write_csv_atomic(os.path.join(out, "test_labels.csv"), ["Path", "label"], rows["test"])
-    test_rows = [[p] for p, _ in rows["test"]]
-    rng.shuffle(test_rows)
+    if rows["test"]:
+        write_csv_atomic(os.path.join(out, "test_labels.csv"), ["Path", "label"], rows["test"])
+    test_rows = [[p] for p, _ in rows["test"] or rows["valid"]]
+    random.Random(seed).shuffle(test_rows)
     for name in TEST_CSVS.values():
         write_csv_atomic(os.path.join(out, name), ["Path"], test_rows)
 
     table = Counter((split_of[path], subject, label) for path, subject, label in cells)
     write_csv_atomic(os.path.join(out, "subjects.csv"), ["split", "subject", "label", "cells"],
                      [[sp, subject, CLASSES[label], n] for (sp, subject, label), n in sorted(table.items())])
-    print(f"imported {len(cells)} cells of {len({s for _, s, _ in cells})} subjects from {src} to {out} ({split} split)")
     print(f"  {'split':<6} {'hem cells':>9} {'hem subj':>8} {'ALL cells':>9} {'ALL subj':>8}")
-    for sp in fractions:
+    for sp in ("train", "valid", "test"):
         stats = []
         for label in (0, 1):
             stats += [sum(n for (s, _, l), n in table.items() if s == sp and l == label),
                       len({subj for (s, subj, l) in table if s == sp and l == label})]
-        print(f"  {sp:<6} {stats[0]:>9} {stats[1]:>8} {stats[2]:>9} {stats[3]:>8}")
-    print(f"  subjects per split: {os.path.join(out, 'subjects.csv')}; test labels: {os.path.join(out, 'test_labels.csv')}")
-    if unparsed:
-        with open(os.path.join(out, "unparsed.txt"), "w") as f:
-            f.write("\n".join(unparsed) + "\n")
-        print(f"  {len(unparsed)} files not imported: name not UID_<subject>_<image>_<cell>_<all|hem> or not matching "
-              f"its folder, e.g. {unparsed[0]} (all listed in {os.path.join(out, 'unparsed.txt')})")
-    return split_of
+        if any(stats):
+            print(f"  {sp:<6} {stats[0]:>9} {stats[1]:>8} {stats[2]:>9} {stats[3]:>8}")

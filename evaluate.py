@@ -4,6 +4,7 @@
     python evaluate.py --model resnet50                  the runs of one model
     python evaluate.py --checkpoint checkpoints/demo/best.pt
     python evaluate.py --csv data/cnmc/test_labels.csv   any labelled CSV (e.g. held-out patients)
+    python evaluate.py --adapt-bn                        BatchNorm statistics re-estimated on the scored images first
 
 Each run gets results/<run-name>/: metrics.json, predictions.csv, confusion_matrix.png, roc.png, errors.png.
 Several runs also get results/comparison.md and .csv. Preprocessing comes from the checkpoint: no flag repeats it.
@@ -24,7 +25,7 @@ import torch  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
 import utils  # noqa: E402
-from dataloader import CLASSES, RetinopathyLoader, atomic_write, decode_image, read_csv, write_csv_atomic  # noqa: E402
+from dataloader import CLASSES, RetinopathyLoader, atomic_write, decode_image, read_csv, save_figure, write_csv_atomic  # noqa: E402
 from resnet import MODELS  # noqa: E402
 
 
@@ -38,6 +39,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-root", help="dataset folder (default: the one each run was trained on)")
     parser.add_argument("--out-dir", default="results", help="results go to OUT_DIR/<run-name>/ (default: results)")
     parser.add_argument("--tta", action="store_true", help="average the predictions over the four flips of each image")
+    parser.add_argument("--adapt-bn", action="store_true",
+                        help="first re-estimate the BatchNorm statistics on the images being scored (AdaBN; no labels used, "
+                             "the checkpoint is not changed): for new patients, another microscope or stain")
     parser.add_argument("--batch-size", type=utils.positive_int, default=64, help="images per batch (default: 64)")
     parser.add_argument("--workers", type=utils.non_negative_int, default=utils.WORKERS, help="data-loading processes (default: min(8, cores))")
     parser.add_argument("--device", choices=utils.DEVICES, default="auto", help="where to run (default: auto)")
@@ -84,7 +88,7 @@ def plot_confusion_matrix(cm: np.ndarray, title: str, path: str) -> None:
                xlabel="Predicted label", ylabel="True label", title=name)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -97,7 +101,7 @@ def plot_roc(labels: np.ndarray, prob_all: np.ndarray, title: str, path: str) ->
     ax.set(xlabel="False positive rate (hem called ALL)", ylabel="True positive rate (ALL found)", title=title)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -118,7 +122,7 @@ def plot_worst_errors(paths: list[str], labels: np.ndarray, prob_all: np.ndarray
         axes[0, 0].text(0.5, 0.5, "no errors", ha="center", va="center", fontsize=14)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return len(wrong)
 
@@ -132,7 +136,7 @@ def evaluate_run(checkpoint_path: str, args: argparse.Namespace, device: torch.d
     root = utils.checkpoint_data_root(checkpoint, args.data_root)
     split = "custom" if args.csv else args.split
     dataset = RetinopathyLoader(root, "valid" if args.csv else args.split, preprocess=preprocess, output="uint8", csv_path=args.csv)
-    logits = utils.dataset_logits(model, preprocess, dataset, device, args.batch_size, args.workers, args.tta)
+    logits = utils.dataset_logits(model, preprocess, dataset, device, args.batch_size, args.workers, args.tta, args.adapt_bn)
     prob_all = logits.softmax(1)[:, 1].numpy()
     labels = np.asarray(dataset.label)
     run = utils.run_name_of(checkpoint_path)
@@ -144,7 +148,7 @@ def evaluate_run(checkpoint_path: str, args: argparse.Namespace, device: torch.d
     history = checkpoint.get("history") or []
     result.update({
         "run": run, "model": checkpoint["model_name"], "checkpoint": checkpoint_path, "epoch": checkpoint["epoch"],
-        "split": split, "csv": dataset.csv_path, "tta": args.tta,
+        "split": split, "csv": dataset.csv_path, "tta": args.tta, "adapt_bn": args.adapt_bn,
         "best_train_acc": max((h["train_acc"] for h in history), default=None),
         "best_valid_acc": max((h["valid_acc"] for h in history), default=None),
     })

@@ -20,6 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from dataloader import save_figure  # noqa: E402
+
 HISTORY_COLUMNS = {"epoch", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc"}
 
 
@@ -72,7 +74,7 @@ def plot_run(run: str, history: pd.DataFrame, path: str) -> None:
     fig.suptitle(f"{run_label(run)} - Best train acc: {history['train_acc'].max():.2%}, "
                  f"Best valid acc: {best['valid_acc']:.2%} (epoch {int(best['epoch'])} of {int(history['epoch'].max())})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -84,7 +86,7 @@ def plot_comparison(histories: dict[str, pd.DataFrame], path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -118,4 +120,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    try:
+        sys.exit(main(get_args_parser().parse_args()))
+    except OSError as e:  # a full disk (DiskFullError names the file)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

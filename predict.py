@@ -1,7 +1,7 @@
 """Write the Kaggle submission: one row per test image, in the test CSV's order.
 
     python predict.py --model resnet18                          checkpoints/resnet18/best.pt on resnet_18_test.csv
-    python predict.py --checkpoint checkpoints/demo/best.pt --tta
+    python predict.py --checkpoint checkpoints/demo/best.pt --tta --adapt-bn
     python predict.py --checkpoint checkpoints/a/best.pt checkpoints/b/best.pt    an ensemble, averaged in probability
 
 The submission has the header ID,label: ID is the test CSV's Path string unchanged, label 0 (hem) or 1 (ALL).
@@ -28,6 +28,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", help="submission file (default: submissions/<run-name>.csv)")
     parser.add_argument("--probs", help="also write ID,prob_ALL to this file; the submission stays exact")
     parser.add_argument("--tta", action="store_true", help="average over the four flips of each image (see README for what it gains)")
+    parser.add_argument("--adapt-bn", action="store_true",
+                        help="first re-estimate the BatchNorm statistics on the images being scored (AdaBN; no labels used, "
+                             "the checkpoint is not changed): for new patients, another microscope or stain")
     parser.add_argument("--batch-size", type=utils.positive_int, default=64, help="images per batch (default: 64)")
     parser.add_argument("--workers", type=utils.non_negative_int, default=utils.WORKERS, help="data-loading processes (default: min(8, cores))")
     parser.add_argument("--device", choices=utils.DEVICES, default="auto", help="where to run (default: auto)")
@@ -63,7 +66,8 @@ def main(args: argparse.Namespace) -> int:
     for path, checkpoint in zip(paths, checkpoints):
         model, preprocess = utils.model_from_checkpoint(checkpoint, device)
         dataset = RetinopathyLoader(root, "test", preprocess=preprocess, output="uint8", csv_path=test_csv)
-        prob_all += utils.dataset_logits(model, preprocess, dataset, device, args.batch_size, args.workers, args.tta).softmax(1)[:, 1]
+        prob_all += utils.dataset_logits(model, preprocess, dataset, device, args.batch_size, args.workers, args.tta,
+                                        args.adapt_bn).softmax(1)[:, 1]
         print(f"{path}: {checkpoint['model_name']}, epoch {checkpoint['epoch']}, best valid {checkpoint.get('metric', 'acc')} "
               f"{checkpoint.get('best_metric', float('nan')):.4f}")
     prob_all /= len(paths)

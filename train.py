@@ -31,17 +31,20 @@ from sklearn.metrics import f1_score
 from tqdm import tqdm
 
 import utils
-from dataloader import Augment, BatchTransform, Preprocess, RetinopathyLoader, atomic_write, check_both_classes, write_csv_atomic
+from dataloader import (COLOR_NORMS, Augment, BatchTransform, DiskFullError, Preprocess, RetinopathyLoader, atomic_write, check_both_classes,
+                        free_space, megabytes, write_csv_atomic)
 from resnet import MODELS, build_model
 
 # The recipes. "default" is this project's (README: "Why the default recipe"); "seed" is the report's.
 RECIPES = {
     "default": dict(epochs=100, batch_size=64, lr=0.05, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
                     scheduler="cosine", warmup_epochs=3, label_smoothing=0.1, class_balance="loss", ema=0.999,
-                    crop=350, image_size=None, hflip=True, vflip=True, rotation=180.0, scale_jitter=0.1, color_jitter=0.1),
+                    crop=350, image_size=None, color_norm="dataset", hflip=True, vflip=True, rotation=180.0, scale_jitter=0.1,
+                    color_jitter=0.1),
     "seed": dict(epochs=201, batch_size=64, lr=1e-4, optimizer="sgd", momentum=0.0, weight_decay=0.0,
                  scheduler="none", warmup_epochs=0, label_smoothing=0.0, class_balance="none", ema=0.0,
-                 crop=None, image_size=None, hflip=True, vflip=False, rotation=15.0, scale_jitter=0.0, color_jitter=0.0),
+                 crop=None, image_size=None, color_norm="dataset", hflip=True, vflip=False, rotation=15.0, scale_jitter=0.0,
+                 color_jitter=0.0),
 }
 SEED_RECIPE_PER_MODEL = {"resnet18": dict(batch_size=64, epochs=201), "resnet50": dict(batch_size=32, epochs=201),
                          "resnet152": dict(batch_size=32, epochs=31)}
@@ -49,6 +52,8 @@ DEMO = dict(model="resnet18", data_root=os.path.join("data", "demo"), run_name="
             lr=0.05, warmup_epochs=1, image_size=64, cache="ram", ema=0.99)
 RESUME_KEYS = ("optimizer", "scheduler", "scaler", "ema", "ema_updates", "history", "rng", "args", "best_metric", "best_epoch")
 # Flags that may differ when a run is resumed; any other flag given with --resume must match the run.
+# Flags that a run trained by an earlier train.py did not save, with the value that trained it.
+UNSAVED_BEFORE = {"color_norm": "dataset"}
 RESUMABLE = {"resume", "epochs", "lr", "workers", "device", "compile", "cache", "print_freq", "data_root", "output_dir", "run_name", "amp"}
 
 
@@ -81,6 +86,9 @@ def get_args_parser(add_help: bool = True, suppress_defaults: bool = False) -> a
     add("--ema", type=float, default=None, help=f"decay of an exponential moving average of the weights, 0 for none {recipe}")
     add("--crop", type=utils.non_negative_int, default=None, help=f"side of the centre square kept from each image, px; 0 keeps it whole {recipe}")
     add("--image-size", type=utils.positive_int, default=None, help=f"side the crop is resized to, px; unset keeps the crop's side {recipe}")
+    add("--color-norm", choices=list(COLOR_NORMS), default=None,
+        help=f"input colour: 'dataset' mean and std alone, or 'cell': each cell's mean colour brought to one reference first, "
+             f"so a patient's stain shifts it less {recipe}")
     add("--hflip", action=argparse.BooleanOptionalAction, default=None, help=f"random horizontal flips {recipe}")
     add("--vflip", action=argparse.BooleanOptionalAction, default=None, help=f"random vertical flips {recipe}")
     add("--rotation", type=float, default=None, help=f"random rotation range in degrees, +/- {recipe}")
@@ -195,7 +203,7 @@ def transforms_from_args(args: argparse.Namespace) -> tuple[Preprocess, Augment]
     scale = (1 - args.scale_jitter, 1 + args.scale_jitter)
     augment = Augment(hflip=args.hflip, vflip=args.vflip, rotation=args.rotation, scale=scale,
                       stain=args.color_jitter, brightness=args.color_jitter)
-    return Preprocess(crop=args.crop, size=args.image_size), augment
+    return Preprocess(crop=args.crop, size=args.image_size, color_norm=args.color_norm), augment
 
 
 def load_data(args: argparse.Namespace, preprocess: Preprocess, augment: Augment, rank: int, world_size: int, device: torch.device):
@@ -440,6 +448,44 @@ def make_checkpoint(raw_model, ema, optimizer, scheduler, scaler, epoch, best, h
     }
 
 
+def best_checkpoint(checkpoint: dict) -> dict:
+    """What best.pt keeps of an epoch's checkpoint: the weights it validated (the EMA's, where the run keeps one),
+    its preprocessing, history and settings; not the optimizer and RNG states, which only resuming needs."""
+    kept = ("epoch", "best_metric", "best_epoch", "metric", "history", "model_name", "num_classes", "preprocess", "augment",
+            "args", "format_version")
+    return {"model": checkpoint["ema"] or checkpoint["model"], **{k: checkpoint[k] for k in kept}}
+
+
+def checkpoint_sizes(model: torch.nn.Module, ema, args: argparse.Namespace) -> tuple[int, int]:
+    """About how many bytes last.pt and best.pt take: the weights and buffers (twice with an EMA), the optimizer's
+    state per parameter (SGD with momentum one buffer, Adam two), and 1 MB for the rest."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    parameters = sum(p.numel() * p.element_size() for p in model.parameters())
+    slots = {"sgd": 1 if args.momentum > 0 else 0, "adam": 2, "adamw": 2}[args.optimizer]
+    return weights * (2 if ema is not None else 1) + parameters * slots + 2**20, weights + 2**20
+
+
+def check_free_space(out: str, sizes: tuple[int, int], log) -> None:
+    """Stop before the first epoch when the run folder's disk cannot hold last.pt and best.pt (those already there
+    count as held); warn when it cannot also hold the copy of last.pt that replaces it after the next epoch."""
+    last, best = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
+    held = sum(os.path.getsize(p) for p in (last, best) if os.path.isfile(p))
+    free = free_space(out)
+    if free + held < sum(sizes):
+        raise DiskFullError(out, sum(sizes) - held, free, f"last.pt ({megabytes(sizes[0])}) and best.pt ({megabytes(sizes[1])}) "
+                            "will not fit. Free some space, or give --output-dir on a disk with room")
+    if free + held < sum(sizes) + sizes[0]:
+        log(f"warning: {megabytes(free)} free in {out}: room for last.pt and best.pt, but not for the new last.pt that replaces "
+            f"the old one after the next epoch ({megabytes(sizes[0])} more): the run will stop there. Free some space first")
+
+
+def save_epoch(checkpoint: dict, improved: bool, history: list[dict], out: str) -> None:
+    utils.save_checkpoint(checkpoint, os.path.join(out, "last.pt"))
+    if improved:
+        utils.save_checkpoint(best_checkpoint(checkpoint), os.path.join(out, "best.pt"))
+    write_history(os.path.join(out, "history.csv"), history)
+
+
 def write_history(path: str, history: list[dict]) -> None:
     columns = ["epoch", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "valid_f1", "seconds", "images_per_s"]
     write_csv_atomic(path, columns, [[row[c] for c in columns] for row in history])
@@ -504,7 +550,7 @@ def merge_resumed_args(args: argparse.Namespace, explicit: set[str]) -> argparse
         raise utils.CheckpointError(
             f"{path} was trained with " + ", ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in conflicts)
             + ": these cannot change on resume. Drop them to continue the run, or start a new --run-name")
-    merged = dict(saved)
+    merged = {**UNSAVED_BEFORE, **saved}
     merged.update({k: getattr(args, k) for k in explicit & RESUMABLE})
     merged["resume"] = path
     return argparse.Namespace(**merged)
@@ -579,6 +625,9 @@ def main(args: argparse.Namespace) -> int:
         f"{len(valid_labels)} valid; "
         f"{len(train_batches)} steps of {args.batch_size} x {world_size} per epoch; run folder {out}")
 
+    if is_main:
+        check_free_space(out, checkpoint_sizes(raw_model, ema, args), log)
+    saved_epoch = start_epoch
     train_sampler.set_epoch(start_epoch)  # the train batches go on from there, epoch after epoch
     for epoch in range(start_epoch, args.epochs):
         lr = optimizer.param_groups[0]["lr"]
@@ -608,10 +657,17 @@ def main(args: argparse.Namespace) -> int:
             best = {"value": metric, "epoch": epoch + 1}
         if is_main:
             checkpoint = make_checkpoint(raw_model, ema, optimizer, scheduler, scaler, epoch + 1, best, history, args, preprocess, augment)
-            utils.save_checkpoint(checkpoint, os.path.join(out, "last.pt"))
-            if improved:
-                utils.save_checkpoint(checkpoint, os.path.join(out, "best.pt"))
-            write_history(os.path.join(out, "history.csv"), history)
+            try:
+                save_epoch(checkpoint, improved, history, out)
+            except DiskFullError as e:
+                kept = (f"{os.path.join(out, 'last.pt')} holds epoch {saved_epoch}, the last one saved" if saved_epoch else
+                        "no epoch was saved")
+                log(f"error: {e}.\nStopped: {kept}. Free some space, then continue with\n"
+                    f"  python train.py --run-name {args.run_name} --output-dir {args.output_dir} --resume\n"
+                    f"or continue on another disk with --resume {os.path.join(out, 'last.pt')} --output-dir OTHER_DISK/checkpoints",
+                    file=sys.stderr)
+                return 1
+            saved_epoch = epoch + 1
         log(f"epoch {epoch + 1}/{args.epochs}  lr {lr:.2e}  train loss {stats['train_loss']:.4f} acc {stats['train_acc']:.4f}  "
             f"valid loss {stats['valid_loss']:.4f} acc {stats['valid_acc']:.4f} f1 {stats['valid_f1']:.4f}  "
             f"{stats['seconds']:.0f}s {stats['images_per_s']:.0f} img/s" + ("  *best" if improved else ""), flush=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import glob
 import itertools
@@ -117,7 +118,20 @@ def device_name(device: torch.device) -> str:
 
 
 def save_checkpoint(checkpoint: dict, path: str) -> None:
-    atomic_write(path, lambda f: torch.save(checkpoint, f))
+    """torch.save through atomic_write, which first checks that the disk has room for its tensors and 1 MB more."""
+    tensors = sum(t.numel() * t.element_size() for t in tensors_in(checkpoint))
+    atomic_write(path, lambda f: torch.save(checkpoint, f), size=tensors + 2**20)
+
+
+def tensors_in(obj) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from tensors_in(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from tensors_in(v)
 
 
 def load_checkpoint(path: str) -> dict:
@@ -422,12 +436,59 @@ def predict_logits(model: torch.nn.Module, batches, transform: BatchTransform | 
     return torch.cat(all_index), torch.cat(all_logits)
 
 
+@torch.no_grad()
+def adapt_batchnorm(model: torch.nn.Module, batches, transform: BatchTransform | None, device: torch.device,
+                    dtype: torch.dtype | None = None, channels_last: bool = False) -> torch.nn.Module:
+    """A copy of model whose BatchNorm layers keep the mean and variance of their inputs over every image of
+    `batches` (AdaBN, Li et al. 2016): for images of another patient, stain or microscope than the training set's.
+
+    One pass in training mode, each layer normalising by its batch as in training; the statistics are exact over
+    all images (pooled per channel, not a moving average), so batch order barely matters. Needs no labels; the
+    model given is left as it was.
+    """
+    adapted = copy.deepcopy(model)
+    layers = [m for m in adapted.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    pooled = {}  # layer -> (pixels, mean, sum of squared deviations), float64
+
+    def record(layer, inputs):
+        x = inputs[0].float()
+        var, mean = torch.var_mean(x, dim=[d for d in range(x.ndim) if d != 1], correction=0)
+        n, mean, squares = x.numel() // x.shape[1], mean.double(), var.double() * (x.numel() // x.shape[1])
+        if layer in pooled:  # Chan et al.'s pairwise update
+            total, old_mean, old_squares = pooled[layer]
+            delta = mean - old_mean
+            mean, squares = old_mean + delta * n / (total + n), old_squares + squares + delta**2 * total * n / (total + n)
+            n += total
+        pooled[layer] = (n, mean, squares)
+
+    hooks = [layer.register_forward_pre_hook(record) for layer in layers]
+    adapted.train()
+    try:
+        for batch in batches:
+            x = batch[1].to(device, non_blocking=True)
+            x = transform(x) if transform is not None else x
+            with autocast(device, dtype):
+                adapted(x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for layer in layers:
+        n, mean, squares = pooled[layer]
+        layer.running_mean.copy_(mean)
+        layer.running_var.copy_(squares / max(n - 1, 1))  # unbiased, as BatchNorm keeps it
+    return adapted.eval()
+
+
 def dataset_logits(model: torch.nn.Module, preprocess: Preprocess, dataset: Dataset, device: torch.device,
-                   batch_size: int = 64, workers: int = 2, tta: bool = False) -> torch.Tensor:
-    """float32 logits (N, classes) for every item of a uint8 dataset, in dataset order. Never shuffled."""
+                   batch_size: int = 64, workers: int = 2, tta: bool = False, adapt_bn: bool = False) -> torch.Tensor:
+    """float32 logits (N, classes) for every item of a uint8 dataset, in dataset order. Never shuffled. With adapt_bn,
+    a copy of the model first takes its BatchNorm statistics from these images (adapt_batchnorm)."""
     sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=False)
     batches, transform = make_loader(dataset, sampler, workers, device, BatchTransform(preprocess))
-    index, logits = predict_logits(model, batches, transform, device, amp_dtype(device), channels_last=device.type == "cuda", tta=tta)
+    dtype, channels_last = amp_dtype(device), device.type == "cuda"
+    if adapt_bn:
+        model = adapt_batchnorm(model, batches, transform, device, dtype, channels_last)
+    index, logits = predict_logits(model, batches, transform, device, dtype, channels_last, tta=tta)
     assert torch.equal(index, torch.arange(len(dataset))), "predictions must come back in dataset order"
     return logits
 

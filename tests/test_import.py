@@ -115,3 +115,48 @@ def test_real_cells_keep_every_subject_in_one_split(tmp_path):
     labels = {s: Counter(subject_of(p).startswith("H") for p, sp in split_of.items() if sp == s) for s in ("train", "valid", "test")}
     assert all(c[True] > 0 and c[False] > 0 for c in labels.values())
     assert os.path.isfile(tmp_path / "out" / "new_dataset" / "valid" / os.path.basename(next(p for p, s in split_of.items() if s == "valid")))
+
+
+def test_folds_hold_out_each_subject_once_and_keep_folds_disjoint(release, tmp_path):
+    out = tmp_path / "folds"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "dataloader.py"), "--import-cnmc", release, "--out", str(out),
+                             "--folds", "3"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    held_out = Counter()
+    for k in range(3):
+        fold = str(out / f"fold_{k}")
+        (train, train_labels), (valid, valid_labels) = dataloader.getData("train", fold), dataloader.getData("valid", fold)
+        train_subjects, valid_subjects = {subject_of(p) for p in train}, {subject_of(p) for p in valid}
+        assert not train_subjects & valid_subjects
+        assert train_subjects | valid_subjects == set(SUBJECTS)  # train holds every subject not held out
+        assert all(os.path.isfile(p) for p in train + valid)
+        assert len(train) + len(valid) == sum(SUBJECTS.values())
+        held_out.update(valid_subjects)
+        assert sorted(dataloader.read_csv(os.path.join(fold, "resnet_18_test.csv"), False)[0]) == sorted(
+            dataloader.read_csv(os.path.join(fold, "valid.csv"), True)[0])
+        assert f"fold_{k} (valid: the subjects {', '.join(sorted(valid_subjects))})" in result.stdout
+    assert held_out == Counter(SUBJECTS.keys())  # each subject held out exactly once
+    table = read(out / "folds.csv")
+    assert table[0] == ["fold", "subject", "label", "cells"]
+    assert {row[1]: row[0] for row in table[1:]} == {s: f"fold_{k}" for k in range(3) for s in
+                                                     {subject_of(p) for p in dataloader.getData("valid", str(out / f"fold_{k}"))[0]}}
+    # the largest subjects of each class are held out in different folds
+    fold_of = {row[1]: row[0] for row in table[1:]}
+    assert len({fold_of["11"], fold_of["14"], fold_of["23"]}) == 3 and fold_of["H10"] != fold_of["H14"]
+
+
+def test_folds_need_at_least_two(release, tmp_path):
+    with pytest.raises(dataloader.DataError, match="at least 2 folds"):
+        datatools.import_folds(release, str(tmp_path / "out"), 1)
+
+
+def test_real_cells_in_folds_hold_out_each_large_subject(tmp_path):
+    cnmc = shared_path("cnmc")
+    held_out = datatools.import_folds(cnmc, str(tmp_path / "out"), 3)
+    fold_of = {s: fold for fold, subjects in held_out.items() for s in subjects}
+    assert len(fold_of) == sum(len(s) for s in held_out.values())  # each subject in one fold's valid only
+    assert fold_of["H10"] != fold_of["H14"]
+    assert len({fold_of[s] for s in ("51", "32", "46")}) == 3  # the three largest ALL subjects
+    for fold, subjects in held_out.items():
+        train = {subject_of(p) for p in dataloader.getData("train", str(tmp_path / "out" / fold))[0]}
+        assert train == set(fold_of) - set(subjects)

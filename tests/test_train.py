@@ -1,8 +1,10 @@
+import argparse
 import csv
 import errno
 import os
 import platform
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -10,9 +12,11 @@ import time
 import pytest
 import torch
 
+import dataloader
 import train
 import utils
 from conftest import ROOT
+from resnet import build_model
 
 TINY = ["--image-size", "32", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--print-freq", "2"]
 
@@ -250,11 +254,102 @@ def test_full_disk_says_so_and_keeps_the_previous_file(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(OSError, match="disk full while writing .*best.pt; the previous version is intact"):
+    with pytest.raises(dataloader.DiskFullError, match=r"disk full: .*best.pt needs [\d.]+ MB, and [\d,.]+ MB is free there; "
+                                                        "the previous version is intact"):
         utils.save_checkpoint({"epoch": 2}, str(path))
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["epoch"] == 1
     assert os.listdir(tmp_path) == ["best.pt"]
+
+
+def test_torchs_own_error_on_a_full_disk_is_called_a_full_disk(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    utils.save_checkpoint({"epoch": 1}, str(path))
+
+    def zip_writer_fails(obj, f):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 70674176 vs 70674072")
+
+    monkeypatch.setattr(torch, "save", zip_writer_fails)
+    monkeypatch.setattr(dataloader, "free_space", lambda folder: 4096)  # the disk is full by now
+    with pytest.raises(dataloader.DiskFullError, match="^disk full: .*last.pt did not fit, and 0.00 MB is free there; the previous version is intact"):
+        dataloader.atomic_write(str(path), lambda f: torch.save({}, f))
+    monkeypatch.setattr(dataloader, "free_space", lambda folder: 10**12)  # room enough: a real error, not a full disk
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        dataloader.atomic_write(str(path), lambda f: torch.save({}, f))
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["epoch"] == 1 and os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_a_write_that_cannot_fit_is_refused_before_it_starts(tmp_path, monkeypatch):
+    monkeypatch.setattr(dataloader, "free_space", lambda folder: 10_000_000)
+    with pytest.raises(dataloader.DiskFullError, match="sub.csv needs 25 MB, and 10 MB is free there; nothing was written"):
+        dataloader.atomic_write(str(tmp_path / "sub.csv"), lambda f: f.write(b"x"), size=25_000_000)
+    assert os.listdir(tmp_path) == []
+
+
+def test_free_space_check_stops_with_both_numbers(tmp_path, monkeypatch):
+    messages = []
+    monkeypatch.setattr(train, "free_space", lambda folder: 150_000_000)
+    with pytest.raises(dataloader.DiskFullError, match=r"needs 180 MB, and 150 MB is free there; last.pt \(134 MB\) and best.pt \(46 MB\)"):
+        train.check_free_space(str(tmp_path), (134_000_000, 46_000_000), messages.append)
+    train.check_free_space(str(tmp_path), (100_000_000, 40_000_000), messages.append)  # fits, but not a third copy
+    assert len(messages) == 1 and "the run will stop there" in messages[0]
+    with open(tmp_path / "last.pt", "wb") as f:  # a resumed run's own files count as held (a sparse file of 100 MB)
+        f.truncate(100_000_000)
+    train.check_free_space(str(tmp_path), (100_000_000, 40_000_000), messages.append)
+    assert len(messages) == 1
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_new_files_get_the_permissions_of_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        utils.save_checkpoint({"epoch": 1}, str(tmp_path / "last.pt"))
+        dataloader.write_csv_atomic(str(tmp_path / "sub.csv"), ["ID", "label"], [["a", 1]])
+    finally:
+        os.umask(old)
+    for name in ("last.pt", "sub.csv"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o666 & ~umask
+
+
+def test_checkpoint_sizes_are_what_train_writes(trained_runs):
+    for run in trained_runs:
+        checkpoint = torch.load(os.path.join(run, "last.pt"), weights_only=True)
+        args = argparse.Namespace(**checkpoint["args"])
+        model = build_model(args.model, num_classes=2)
+        last, best = train.checkpoint_sizes(model, checkpoint["ema"] and object(), args)
+        assert os.path.getsize(os.path.join(run, "last.pt")) == pytest.approx(last, rel=0.03)
+        assert os.path.getsize(os.path.join(run, "best.pt")) == pytest.approx(best, rel=0.03)
+        best_pt = torch.load(os.path.join(run, "best.pt"), weights_only=True)
+        assert "optimizer" not in best_pt and "rng" not in best_pt
+        if best_pt["epoch"] == checkpoint["epoch"]:  # the weights it validated: the EMA's where the run keeps one
+            validated = checkpoint["ema"] or checkpoint["model"]
+            assert all(torch.equal(v, best_pt["model"][k]) for k, v in validated.items())
+
+
+def mounted_tmpfs(path, megabytes: int) -> bool:
+    os.makedirs(path, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(path)], capture_output=True).returncode == 0
+
+
+def test_training_into_a_disk_that_fills_up_stops_with_a_message(demo_root, tmp_path):
+    disk = tmp_path / "disk"
+    if not mounted_tmpfs(disk, 200):
+        pytest.skip("cannot mount a tmpfs here (needs root); the mocked full disks above stand in")
+    try:
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data-root", demo_root, "--output-dir", str(disk), "--run-name", "demo",
+               "--image-size", "32", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--epochs", "3"]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "Traceback" not in result.stderr and "disk full: " in result.stderr
+        assert "holds epoch 1, the last one saved" in result.stderr and "--resume" in result.stderr
+        assert "the run will stop there" in result.stdout  # said before the first epoch
+        run = disk / "demo"
+        assert sorted(os.listdir(run)) == ["args.json", "best.pt", "history.csv", "last.pt"]
+        assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
+    finally:
+        subprocess.run(["umount", str(disk)])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,161 @@
+"""Patient-level cross-validation of one training recipe: the yardstick for patients the model has never seen.
+
+    python dataloader.py --import-cnmc ../shared/cnmc --out data/cnmc-folds --folds 3
+    python experiments/folds.py NAME --seeds 0 1 -- --image-size 128 --epochs 12 --cache ram [any train.py flags]
+    python experiments/folds.py --table NAME [NAME ...]      the Markdown table of EXPERIMENTS.md
+
+For every fold (data/cnmc-folds/fold_*) and seed, train.py trains on the fold's train subjects into
+checkpoints/folds/NAME/fold_<k>-seed<s> (a finished run is skipped, an interrupted one resumed), and evaluate.py
+scores its last.pt on the fold's held-out subjects four ways: plain, --tta, --adapt-bn, and both. Printed per
+scoring: weighted F1, hem and ALL recall per fold (mean over seeds), the mean and the worst fold, the seed-to-seed
+spread of the fold mean, and the accuracy on each held-out subject.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+from collections import defaultdict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from datatools import parse_cnmc_name  # noqa: E402
+
+SCORINGS = {"plain": [], "tta": ["--tta"], "adapt-bn": ["--adapt-bn"], "adapt-bn+tta": ["--adapt-bn", "--tta"]}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", nargs="*", help="the recipe's name (with --table: the recipes to tabulate)")
+    parser.add_argument("--folds-root", default=os.path.join("data", "cnmc-folds"), help="folder of fold_* datasets (default: data/cnmc-folds)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds, each run on every fold (default: 0)")
+    parser.add_argument("--output-dir", default=os.path.join("checkpoints", "folds"), help="runs go to OUTPUT_DIR/NAME/ (default: checkpoints/folds)")
+    parser.add_argument("--results-dir", default=os.path.join("results", "folds"), help="scores go to RESULTS_DIR/NAME/ (default: results/folds)")
+    parser.add_argument("--workers", type=int, default=2, help="data-loading processes of evaluate.py (default: 2)")
+    parser.add_argument("--table", action="store_true", help="print the Markdown table of the named recipes' scores, run nothing")
+    return parser
+
+
+def run(cmd: list[str], log: str) -> None:
+    with open(log, "a") as f:
+        print("$ " + " ".join(cmd), file=f, flush=True)
+        if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode != 0:
+            raise SystemExit(f"error: {' '.join(cmd)} failed; see {log}")
+
+
+def train_and_score(name: str, fold: str, seed: int, train_flags: list[str], args: argparse.Namespace) -> None:
+    """Train one fold and seed (unless finished), then score its last.pt every way not scored yet."""
+    run_name = f"{os.path.basename(fold)}-seed{seed}"
+    out = os.path.join(args.output_dir, name)
+    os.makedirs(out, exist_ok=True)
+    log = os.path.join(out, run_name + ".log")
+    last = os.path.join(out, run_name, "last.pt")
+    if os.path.isfile(last):  # train.py goes on to the run's --epochs, and stops at once if it is there
+        run([sys.executable, "train.py", "--output-dir", out, "--run-name", run_name, "--resume"], log)
+    else:
+        run([sys.executable, "train.py", "--data-root", fold, "--output-dir", out, "--run-name", run_name, "--seed", str(seed),
+             *train_flags], log)
+    for scoring, flags in SCORINGS.items():
+        if not os.path.isfile(os.path.join(args.results_dir, name, scoring, run_name, "metrics.json")):
+            run([sys.executable, "evaluate.py", "--checkpoint", last, "--out-dir", os.path.join(args.results_dir, name, scoring),
+                 "--workers", str(args.workers), "--gallery", "0", *flags], log)
+
+
+def load_scores(name: str, results_dir: str) -> dict:
+    """{scoring: {fold: {seed: (metrics, {subject: accuracy})}}} from evaluate.py's files."""
+    scores: dict = defaultdict(lambda: defaultdict(dict))
+    for path in sorted(glob.glob(os.path.join(results_dir, name, "*", "fold_*-seed*", "metrics.json"))):
+        folder = os.path.dirname(path)
+        scoring, (fold, seed) = os.path.basename(os.path.dirname(folder)), os.path.basename(folder).rsplit("-seed", 1)
+        with open(path) as f:
+            metrics = json.load(f)
+        right, total = defaultdict(int), defaultdict(int)
+        for cell, label, pred in read_predictions(os.path.join(folder, "predictions.csv")):
+            subject = parse_cnmc_name(os.path.basename(cell))[0]
+            total[subject] += 1
+            right[subject] += label == pred
+        scores[scoring][fold][int(seed)] = (metrics, {s: right[s] / total[s] for s in total})
+    return scores
+
+
+def read_predictions(path: str) -> list[tuple[str, int, int]]:
+    """(path, label, pred) of each row of evaluate.py's predictions.csv."""
+    with open(path, newline="") as f:
+        return [(row["path"], int(row["label"]), int(row["pred"])) for row in csv.DictReader(f)]
+
+
+def summarise(scores_of_folds: dict) -> dict:
+    """Fold-mean and worst-fold weighted F1 (per seed, then over seeds), mean hem and ALL recall."""
+    folds = sorted(scores_of_folds)
+    seeds = sorted(set.intersection(*(set(scores_of_folds[f]) for f in folds)))
+    fold_means = [statistics.mean(scores_of_folds[f][s][0]["weighted_f1"] for f in folds) for s in seeds]
+    worst = [min(scores_of_folds[f][s][0]["weighted_f1"] for f in folds) for s in seeds]
+    per_fold = {f: statistics.mean(scores_of_folds[f][s][0]["weighted_f1"] for s in seeds) for f in folds}
+    recall = {c: statistics.mean(scores_of_folds[f][s][0][f"recall_{c}"] for f in folds for s in seeds) for c in ("hem", "ALL")}
+    return {"seeds": seeds, "mean": statistics.mean(fold_means), "spread": max(fold_means) - min(fold_means),
+            "worst": statistics.mean(worst), "per_fold": per_fold, "recall": recall}
+
+
+def report(name: str, scores: dict) -> None:
+    for scoring in SCORINGS:
+        if scoring not in scores:
+            continue
+        s = summarise(scores[scoring])
+        print(f"\n{name}, scored {scoring} (seeds {', '.join(map(str, s['seeds']))}): weighted F1 fold mean {s['mean']:.3f} "
+              f"(seed spread {s['spread']:.3f}), worst fold {s['worst']:.3f}; recall hem {s['recall']['hem']:.3f} ALL {s['recall']['ALL']:.3f}")
+        for fold, folds in sorted(scores[scoring].items()):
+            seeds = sorted(folds)
+            metrics = [folds[seed][0] for seed in seeds]
+            subjects = defaultdict(list)
+            for seed in seeds:
+                for subject, acc in folds[seed][1].items():
+                    subjects[subject].append(acc)
+            print(f"  {fold}: weighted F1 {statistics.mean(m['weighted_f1'] for m in metrics):.3f}  "
+                  f"recall hem {statistics.mean(m['recall_hem'] for m in metrics):.3f} ALL {statistics.mean(m['recall_ALL'] for m in metrics):.3f}  "
+                  "subjects " + " ".join(f"{sub} {statistics.mean(a):.2f}" for sub, a in sorted(subjects.items())))
+
+
+def table(names: list[str], results_dir: str) -> None:
+    print("| recipe | scored | weighted F1, fold mean ± seed spread | worst fold | " + " | ".join(["fold_0", "fold_1", "fold_2"])
+          + " | recall hem / ALL |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in names:
+        scores = load_scores(name, results_dir)
+        for scoring in SCORINGS:
+            if scoring not in scores:
+                continue
+            s = summarise(scores[scoring])
+            spread = f" ± {s['spread'] / 2:.3f}" if len(s["seeds"]) > 1 else ""
+            print(f"| {name} | {scoring} | {s['mean']:.3f}{spread} | {s['worst']:.3f} | "
+                  + " | ".join(f"{v:.3f}" for _, v in sorted(s["per_fold"].items()))
+                  + f" | {s['recall']['hem']:.3f} / {s['recall']['ALL']:.3f} |")
+
+
+def main(argv: list[str]) -> int:
+    own, train_flags = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    args = get_args_parser().parse_args(own)
+    if args.table:
+        table(args.name, args.results_dir)
+        return 0
+    if len(args.name) != 1:
+        raise SystemExit("error: name one recipe to run (or --table NAME ...)")
+    folds = sorted(glob.glob(os.path.join(args.folds_root, "fold_*")))
+    if not folds:
+        raise SystemExit(f"error: no fold_* under {args.folds_root}; make them with\n"
+                         f"  python dataloader.py --import-cnmc ../shared/cnmc --out {args.folds_root} --folds 3")
+    name = args.name[0]
+    for seed in args.seeds:
+        for fold in folds:
+            train_and_score(name, fold, seed, train_flags, args)
+    report(name, load_scores(name, args.results_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,148 @@
+"""What helps on patients the model never saw: per-cell colour standardisation, and BatchNorm adapted to the
+images being scored (evaluate.py and predict.py --adapt-bn)."""
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dataloader
+import utils
+from conftest import ROOT
+from resnet import build_model
+
+nn = torch.nn
+
+
+def stripes(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float images (n, 3, 16, 16) whose class is the direction of their stripes, with random contrast and noise."""
+    y = torch.randint(0, 2, (n,), generator=g)
+    wave = torch.sin(torch.arange(16.0) * 1.6)
+    x = torch.where(y.view(n, 1, 1, 1).bool(), wave.view(1, 1, 16, 1).expand(n, 3, 16, 16), wave.view(1, 1, 1, 16).expand(n, 3, 16, 16))
+    return x * (0.5 + torch.rand(n, 1, 1, 1, generator=g)) + 0.3 * torch.randn(n, 3, 16, 16, generator=g), y
+
+
+def as_batches(x: torch.Tensor, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(torch.arange(i, min(i + size, len(x))), x[i : i + size]) for i in range(0, len(x), size)]
+
+
+def test_adapting_batchnorm_recovers_what_a_colour_shift_lost():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(100):
+        x, y = stripes(32, g)
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    x, y = stripes(128, g)
+    shifted = x * torch.tensor([0.5, 0.3, 0.6]).view(1, 3, 1, 1) + torch.tensor([1.0, -0.5, 2.0]).view(1, 3, 1, 1)  # another stain
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def accuracy(m, images):
+        with torch.no_grad():
+            return (m(images).argmax(1) == y).float().mean().item()
+
+    clean, lost = accuracy(model, x), accuracy(model, shifted)
+    assert clean > 0.95 and lost < clean - 0.2
+    adapted = utils.adapt_batchnorm(model, as_batches(shifted, 32), None, torch.device("cpu"))
+    assert accuracy(adapted, shifted) >= clean - 0.03
+    assert not adapted.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model given is untouched
+
+
+def test_adapted_statistics_are_those_of_each_layers_inputs():
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=2).eval()
+    images = torch.randn(20, 3, 32, 32) * 0.7 + 0.4
+    adapted = utils.adapt_batchnorm(model, as_batches(images, 8), None, torch.device("cpu"))
+
+    # The first BatchNorm sees conv1's output, which no other BatchNorm touches: its statistics over all 20 images.
+    direct = model.conv1(images)
+    var, mean = torch.var_mean(direct, dim=(0, 2, 3), correction=1)
+    torch.testing.assert_close(adapted.bn1.running_mean, mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(adapted.bn1.running_var, var, rtol=1e-4, atol=1e-5)
+
+    # Every layer: the statistics of the inputs it got in the same pass (training mode, the same batches).
+    inputs = {}
+    reference = build_model("resnet18", num_classes=2)
+    reference.load_state_dict(model.state_dict())
+    reference.train()
+    layers = {name: m for name, m in reference.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    for name, layer in layers.items():
+        layer.register_forward_pre_hook(lambda m, args, name=name: inputs.setdefault(name, []).append(args[0].detach()))
+    with torch.no_grad():
+        for _, x in as_batches(images, 8):
+            reference(x)
+    adapted_layers = dict(adapted.named_modules())
+    for name in layers:
+        var, mean = torch.var_mean(torch.cat(inputs[name]), dim=(0, 2, 3), correction=1)
+        torch.testing.assert_close(adapted_layers[name].running_mean, mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(adapted_layers[name].running_var, var, rtol=1e-4, atol=1e-5)
+
+    # A batch size that divides the set otherwise gives the first layer the same statistics.
+    other = utils.adapt_batchnorm(model, as_batches(images, 5), None, torch.device("cpu"))
+    torch.testing.assert_close(other.bn1.running_var, adapted.bn1.running_var, rtol=1e-5, atol=1e-6)
+
+
+def test_cell_colour_standardisation_takes_away_a_stain():
+    cell = torch.zeros(1, 24, 24, 3, dtype=torch.uint8)
+    cell[0, 6:18, 6:18] = torch.tensor([90, 40, 100], dtype=torch.uint8)
+    cell[0, 9:15, 9:15] = torch.tensor([60, 20, 80], dtype=torch.uint8)  # a darker nucleus
+    stained = (cell.float() * torch.tensor([1.25, 0.8, 1.1])).round().to(torch.uint8)
+    gain = dataloader.cell_color_gain(torch.cat([cell, stained]))
+    pixels = cell[0][cell[0].amax(2) > dataloader.BACKGROUND].float()
+    torch.testing.assert_close(gain[0], torch.tensor(dataloader.CELL_COLOR) / pixels.mean(0))
+    standardised = dataloader.BatchTransform(dataloader.Preprocess(crop=None, color_norm="cell"))
+    plain = dataloader.BatchTransform(dataloader.Preprocess(crop=None))
+    a, b = standardised(cell), standardised(stained)
+    torch.testing.assert_close(a, b, atol=0.03, rtol=0)  # the same cell, whatever its stain (up to uint8 rounding)
+    assert (plain(cell) - plain(stained)).abs().max() > 0.3
+    background = cell[0].amax(2) == 0
+    assert torch.equal(a[0][:, background], plain(cell)[0][:, background])  # the black background stays black
+
+
+def test_old_checkpoints_keep_dataset_normalisation():
+    d = dataloader.Preprocess(crop=300, size=64).to_dict()
+    del d["color_norm"]
+    assert dataloader.Preprocess.from_dict(d).color_norm == "dataset"
+
+
+def digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_adapt_bn_scores_and_predicts_without_touching_the_checkpoints(trained_runs, demo_root, tmp_path):
+    checkpoints = [os.path.join(run, "best.pt") for run in trained_runs]
+    before = [digest(c) for c in checkpoints]
+    common = ["--device", "cpu", "--workers", "0"]
+    evaluated = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--checkpoint", checkpoints[0], "--adapt-bn",
+                                "--tta", "--out-dir", str(tmp_path / "results"), *common], capture_output=True, text=True, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert '"adapt_bn": true' in (tmp_path / "results" / "a" / "metrics.json").read_text()
+    predicted = subprocess.run([sys.executable, os.path.join(ROOT, "predict.py"), "--checkpoint", *checkpoints, "--adapt-bn", "--tta",
+                                "--output", str(tmp_path / "sub.csv"), *common], capture_output=True, text=True, timeout=300)
+    assert predicted.returncode == 0, predicted.stderr
+    ids, _ = dataloader.read_csv(os.path.join(demo_root, "resnet_18_test.csv"), labelled=False)
+    with open(tmp_path / "sub.csv") as f:
+        lines = f.read().splitlines()
+    assert lines[0] == "ID,label" and [line.split(",")[0] for line in lines[1:]] == ids
+    assert [digest(c) for c in checkpoints] == before
+
+
+@pytest.mark.parametrize("adapt", [False, True])
+def test_dataset_logits_with_adaptation_differ_only_through_batchnorm(trained_runs, demo_root, adapt):
+    checkpoint = utils.load_checkpoint(os.path.join(trained_runs[0], "best.pt"))
+    model, preprocess = utils.model_from_checkpoint(checkpoint, torch.device("cpu"))
+    dataset = dataloader.RetinopathyLoader(demo_root, "valid", preprocess=preprocess, output="uint8")
+    logits = utils.dataset_logits(model, preprocess, dataset, torch.device("cpu"), batch_size=8, workers=0, adapt_bn=adapt)
+    plain = utils.dataset_logits(model, preprocess, dataset, torch.device("cpu"), batch_size=8, workers=0)
+    assert logits.shape == (len(dataset), 2)
+    assert torch.equal(logits, plain) != adapt
