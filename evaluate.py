@@ -5,8 +5,9 @@
     python evaluate.py --checkpoint checkpoints/demo/best.pt
     python evaluate.py --csv data/cnmc/test_labels.csv   any labelled CSV (e.g. held-out patients)
     python evaluate.py --adapt-bn                        BatchNorm statistics re-estimated on the scored images first
+    python evaluate.py --cam                             also cam.png: Grad-CAM heat maps of errors and right calls
 
-Each run gets results/<run-name>/: metrics.json, predictions.csv, confusion_matrix.png, roc.png, errors.png.
+Each run gets results/<run-name>/: metrics.json, predictions.csv, confusion_matrix.png, roc.png, errors.png (and cam.png).
 Several runs also get results/comparison.md and .csv. Preprocessing comes from the checkpoint: no flag repeats it.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
 import utils  # noqa: E402
-from dataloader import CLASSES, RetinopathyLoader, atomic_write, decode_image, read_csv, save_figure, write_csv_atomic  # noqa: E402
+from dataloader import CLASSES, BatchTransform, RetinopathyLoader, atomic_write, decode_image, read_csv, save_figure, write_csv_atomic  # noqa: E402
 from resnet import MODELS  # noqa: E402
 
 
@@ -42,6 +43,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapt-bn", action="store_true",
                         help="first re-estimate the BatchNorm statistics on the images being scored (AdaBN; no labels used, "
                              "the checkpoint is not changed): for new patients, another microscope or stain")
+    parser.add_argument("--cam", action="store_true",
+                        help="also draw Grad-CAM heat maps (captum) of the worst errors and of confidently right cells of each class "
+                             "in cam.png: where the network looked")
     parser.add_argument("--batch-size", type=utils.positive_int, default=64, help="images per batch (default: 64)")
     parser.add_argument("--workers", type=utils.non_negative_int, default=utils.WORKERS, help="data-loading processes (default: min(8, cores))")
     parser.add_argument("--device", choices=utils.DEVICES, default="auto", help="where to run (default: auto)")
@@ -74,7 +78,8 @@ def compute_metrics(labels: np.ndarray, prob_all: np.ndarray) -> dict:
 # Figures
 
 
-def plot_confusion_matrix(cm: np.ndarray, title: str, path: str) -> None:
+def confusion_matrix_figure(cm: np.ndarray, title: str):
+    """Counts and row-normalised recall side by side (train.py logs the same figure to TensorBoard)."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
     normalised = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     for ax, values, fmt, name in ((axes[0], cm, "d", "counts"), (axes[1], normalised, ".2f", "row-normalised (recall)")):
@@ -88,6 +93,11 @@ def plot_confusion_matrix(cm: np.ndarray, title: str, path: str) -> None:
                xlabel="Predicted label", ylabel="True label", title=name)
     fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_confusion_matrix(cm: np.ndarray, title: str, path: str) -> None:
+    fig = confusion_matrix_figure(cm, title)
     save_figure(fig, path, dpi=120)
     plt.close(fig)
 
@@ -127,6 +137,53 @@ def plot_worst_errors(paths: list[str], labels: np.ndarray, prob_all: np.ndarray
     return len(wrong)
 
 
+def grad_cam(model: torch.nn.Module, layer: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) Grad-CAM maps (Selvaraju et al. 2017) of class `target` at `layer`, upsampled to x's size and scaled
+    to a peak of 1, by captum."""
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    cam = LayerGradCam(model, layer).attribute(x, target=target, relu_attributions=True)
+    cam = LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), interpolate_mode="bilinear")[:, 0].detach()
+    return cam / cam.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
+
+
+def pick_cells(labels: np.ndarray, prob_all: np.ndarray, errors: int, right: int) -> list[int]:
+    """The most confidently wrong cells, then the most confidently right of each class."""
+    pred = (prob_all >= 0.5).astype(int)
+    confidence = np.abs(prob_all - 0.5)
+    wrong = np.flatnonzero(pred != labels)
+    picked = wrong[np.argsort(-confidence[wrong])][:errors].tolist()
+    for c in (0, 1):
+        good = np.flatnonzero((pred == labels) & (labels == c))
+        picked += good[np.argsort(-confidence[good])][:right].tolist()
+    return picked
+
+
+def plot_cams(model, preprocess, paths: list[str], labels: np.ndarray, prob_all: np.ndarray, device: torch.device, title: str,
+              path: str, errors: int = 8, right: int = 2) -> None:
+    """Grad-CAM of the predicted class at the last convolutional stage, over each cell as the network saw it
+    (after crop and resize)."""
+    cells = pick_cells(labels, prob_all, errors, right)
+    images = torch.stack([decode_image(paths[i], preprocess.crop, preprocess.size) for i in cells])
+    x = BatchTransform(preprocess)(images.to(device))
+    pred = torch.as_tensor((prob_all[cells] >= 0.5).astype(int), device=device)
+    cams = grad_cam(model.float().eval(), model.layer4, x, pred).cpu().numpy()
+    cols = 4
+    rows = max(1, -(-len(cells) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i, image, cam in zip(axes.flat, cells, images.numpy(), cams):
+        ax.imshow(image)
+        ax.imshow(cam, cmap="jet", alpha=0.4, vmin=0, vmax=1)
+        ax.set_title(f"{os.path.basename(paths[i])}\ntrue {CLASSES[labels[i]]}, pred {CLASSES[int(prob_all[i] >= 0.5)]}\n"
+                     f"P(ALL) {prob_all[i]:.3f}", fontsize=9, color="black" if labels[i] == int(prob_all[i] >= 0.5) else "red")
+    fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=100)
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -136,7 +193,9 @@ def evaluate_run(checkpoint_path: str, args: argparse.Namespace, device: torch.d
     root = utils.checkpoint_data_root(checkpoint, args.data_root)
     split = "custom" if args.csv else args.split
     dataset = RetinopathyLoader(root, "valid" if args.csv else args.split, preprocess=preprocess, output="uint8", csv_path=args.csv)
-    logits = utils.dataset_logits(model, preprocess, dataset, device, args.batch_size, args.workers, args.tta, args.adapt_bn)
+    if args.adapt_bn:
+        model = utils.adapt_to_dataset(model, preprocess, dataset, device, args.batch_size, args.workers)
+    logits = utils.dataset_logits(model, preprocess, dataset, device, args.batch_size, args.workers, args.tta)
     prob_all = logits.softmax(1)[:, 1].numpy()
     labels = np.asarray(dataset.label)
     run = utils.run_name_of(checkpoint_path)
@@ -160,8 +219,11 @@ def evaluate_run(checkpoint_path: str, args: argparse.Namespace, device: torch.d
     plot_confusion_matrix(np.array(result["confusion_matrix"]), title, os.path.join(out, "confusion_matrix.png"))
     plot_roc(labels, prob_all, title, os.path.join(out, "roc.png"))
     plot_worst_errors(dataset.img_name, labels, prob_all, preprocess.crop, f"{run}: most confidently wrong", os.path.join(out, "errors.png"), args.gallery)
+    if args.cam:
+        plot_cams(model, preprocess, dataset.img_name, labels, prob_all, device, f"{run}: Grad-CAM of the predicted class",
+                  os.path.join(out, "cam.png"))
     print_metrics(result)
-    print(f"  wrote {out}/: metrics.json predictions.csv confusion_matrix.png roc.png errors.png")
+    print(f"  wrote {out}/: metrics.json predictions.csv confusion_matrix.png roc.png errors.png" + (" cam.png" if args.cam else ""))
     return result
 
 
@@ -197,6 +259,8 @@ def write_comparison(results: list[dict], out_dir: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.cam:
+        utils.require("captum", "captum==0.9.0", "--cam")
     device = utils.resolve_device(args.device)
     utils.keep_freed_memory(device)
     checkpoints = args.checkpoint or [os.path.join(r, "best.pt") for r in utils.find_runs(args.checkpoints_dir, args.model)]

@@ -66,8 +66,9 @@ def main(args: argparse.Namespace) -> int:
     for path, checkpoint in zip(paths, checkpoints):
         model, preprocess = utils.model_from_checkpoint(checkpoint, device)
         dataset = RetinopathyLoader(root, "test", preprocess=preprocess, output="uint8", csv_path=test_csv)
-        prob_all += utils.dataset_logits(model, preprocess, dataset, device, args.batch_size, args.workers, args.tta,
-                                        args.adapt_bn).softmax(1)[:, 1]
+        if args.adapt_bn:
+            model = utils.adapt_to_dataset(model, preprocess, dataset, device, args.batch_size, args.workers)
+        prob_all += utils.dataset_logits(model, preprocess, dataset, device, args.batch_size, args.workers, args.tta).softmax(1)[:, 1]
         print(f"{path}: {checkpoint['model_name']}, epoch {checkpoint['epoch']}, best valid {checkpoint.get('metric', 'acc')} "
               f"{checkpoint.get('best_metric', float('nan')):.4f}")
     prob_all /= len(paths)

@@ -27,7 +27,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from sklearn.metrics import f1_score
+from sklearn.metrics import confusion_matrix, f1_score
 from tqdm import tqdm
 
 import utils
@@ -53,8 +53,9 @@ DEMO = dict(model="resnet18", data_root=os.path.join("data", "demo"), run_name="
 RESUME_KEYS = ("optimizer", "scheduler", "scaler", "ema", "ema_updates", "history", "rng", "args", "best_metric", "best_epoch")
 # Flags that may differ when a run is resumed; any other flag given with --resume must match the run.
 # Flags that a run trained by an earlier train.py did not save, with the value that trained it.
-UNSAVED_BEFORE = {"color_norm": "dataset"}
-RESUMABLE = {"resume", "epochs", "lr", "workers", "device", "compile", "cache", "print_freq", "data_root", "output_dir", "run_name", "amp"}
+UNSAVED_BEFORE = {"color_norm": "dataset", "tensorboard": False}
+RESUMABLE = {"resume", "epochs", "lr", "workers", "device", "compile", "cache", "print_freq", "data_root", "output_dir", "run_name", "amp",
+             "tensorboard"}
 
 
 def get_args_parser(add_help: bool = True, suppress_defaults: bool = False) -> argparse.ArgumentParser:
@@ -111,6 +112,9 @@ def get_args_parser(add_help: bool = True, suppress_defaults: bool = False) -> a
     add("--run-name", default=None, help="run folder name under --output-dir (default: the model name)")
     add("--resume", nargs="?", const="last", default=None, metavar="CHECKPOINT",
         help="continue the run from its last.pt, or from the checkpoint given")
+    add("--tensorboard", action="store_true", default=False,
+        help="log each epoch's curves, and the valid confusion matrix when best.pt changes, to <run folder>/tensorboard "
+             "(view with: tensorboard --logdir checkpoints)")
     add("--print-freq", type=utils.positive_int, default=50, help="steps between progress updates (default: 50)")
     return parser
 
@@ -427,7 +431,8 @@ def evaluate(model, batches, transform, criterion, labels: list[int], args, devi
     target = torch.tensor(labels)[index]
     pred = logits.argmax(1)
     return {"valid_loss": criterion(logits, target).item(), "valid_acc": (pred == target).float().mean().item(),
-            "valid_f1": f1_score(target.numpy(), pred.numpy(), average="weighted", zero_division=0)}
+            "valid_f1": f1_score(target.numpy(), pred.numpy(), average="weighted", zero_division=0),
+            "valid_confusion": confusion_matrix(target.numpy(), pred.numpy(), labels=[0, 1])}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -484,6 +489,26 @@ def save_epoch(checkpoint: dict, improved: bool, history: list[dict], out: str) 
     if improved:
         utils.save_checkpoint(best_checkpoint(checkpoint), os.path.join(out, "best.pt"))
     write_history(os.path.join(out, "history.csv"), history)
+
+
+def open_tensorboard(out: str, start_epoch: int):
+    """A SummaryWriter in out/tensorboard whose steps are epochs. A resumed run first drops whatever was logged after
+    its checkpoint's epoch (purge_step), so its curves go on without repeated or orphaned points."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(os.path.join(out, "tensorboard"), purge_step=start_epoch + 1)
+
+
+def log_to_tensorboard(writer, row: dict, confusion, run_name: str) -> None:
+    """One epoch's history row; the valid confusion matrix too when given (best.pt changed)."""
+    for key in ("lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "valid_f1", "images_per_s"):
+        writer.add_scalar(key.replace("train_", "train/").replace("valid_", "valid/"), row[key], row["epoch"])
+    if confusion is not None:
+        from evaluate import confusion_matrix_figure
+
+        title = f"{run_name}, epoch {row['epoch']}: valid acc {row['valid_acc']:.4f}"
+        writer.add_figure("valid/confusion_matrix", confusion_matrix_figure(confusion, title), row["epoch"])
+    writer.flush()
 
 
 def write_history(path: str, history: list[dict]) -> None:
@@ -560,6 +585,8 @@ def merge_resumed_args(args: argparse.Namespace, explicit: set[str]) -> argparse
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.tensorboard:
+        utils.require("tensorboard", "tensorboard==2.21.0", "--tensorboard")
     rank, world_size, device = setup_distributed(args)
     utils.keep_freed_memory(device)
     args.rank, args.world_size = rank, world_size
@@ -627,6 +654,7 @@ def main(args: argparse.Namespace) -> int:
 
     if is_main:
         check_free_space(out, checkpoint_sizes(raw_model, ema, args), log)
+    writer = open_tensorboard(out, start_epoch) if args.tensorboard and is_main else None
     saved_epoch = start_epoch
     train_sampler.set_epoch(start_epoch)  # the train batches go on from there, epoch after epoch
     for epoch in range(start_epoch, args.epochs):
@@ -650,11 +678,14 @@ def main(args: argparse.Namespace) -> int:
             break
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(stats["valid_acc"])
+        confusion = stats.pop("valid_confusion")
         history.append({"epoch": epoch + 1, "lr": lr, **stats})
         metric = stats["valid_acc" if args.best_metric == "acc" else "valid_f1"]
         improved = metric > best["value"]
         if improved:
             best = {"value": metric, "epoch": epoch + 1}
+        if writer is not None:  # before the checkpoint: a run stopped in between logs this epoch again when resumed
+            log_to_tensorboard(writer, history[-1], confusion if improved else None, args.run_name)
         if is_main:
             checkpoint = make_checkpoint(raw_model, ema, optimizer, scheduler, scaler, epoch + 1, best, history, args, preprocess, augment)
             try:
@@ -674,6 +705,8 @@ def main(args: argparse.Namespace) -> int:
         if stop.signal:
             break
 
+    if writer is not None:
+        writer.close()
     if stop.signal:
         done = history[-1]["epoch"] if history else start_epoch
         if done == 0:

@@ -5,6 +5,7 @@ import argparse
 import copy
 import ctypes
 import glob
+import importlib.util
 import itertools
 import json
 import os
@@ -479,18 +480,28 @@ def adapt_batchnorm(model: torch.nn.Module, batches, transform: BatchTransform |
     return adapted.eval()
 
 
-def dataset_logits(model: torch.nn.Module, preprocess: Preprocess, dataset: Dataset, device: torch.device,
-                   batch_size: int = 64, workers: int = 2, tta: bool = False, adapt_bn: bool = False) -> torch.Tensor:
-    """float32 logits (N, classes) for every item of a uint8 dataset, in dataset order. Never shuffled. With adapt_bn,
-    a copy of the model first takes its BatchNorm statistics from these images (adapt_batchnorm)."""
+def adapt_to_dataset(model: torch.nn.Module, preprocess: Preprocess, dataset: Dataset, device: torch.device,
+                     batch_size: int = 64, workers: int = 2) -> torch.nn.Module:
+    """adapt_batchnorm over every image of a uint8 dataset: a copy of model for scoring that dataset."""
     sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=False)
     batches, transform = make_loader(dataset, sampler, workers, device, BatchTransform(preprocess))
-    dtype, channels_last = amp_dtype(device), device.type == "cuda"
-    if adapt_bn:
-        model = adapt_batchnorm(model, batches, transform, device, dtype, channels_last)
-    index, logits = predict_logits(model, batches, transform, device, dtype, channels_last, tta=tta)
+    return adapt_batchnorm(model, batches, transform, device, amp_dtype(device), channels_last=device.type == "cuda")
+
+
+def dataset_logits(model: torch.nn.Module, preprocess: Preprocess, dataset: Dataset, device: torch.device,
+                   batch_size: int = 64, workers: int = 2, tta: bool = False) -> torch.Tensor:
+    """float32 logits (N, classes) for every item of a uint8 dataset, in dataset order. Never shuffled."""
+    sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=False)
+    batches, transform = make_loader(dataset, sampler, workers, device, BatchTransform(preprocess))
+    index, logits = predict_logits(model, batches, transform, device, amp_dtype(device), channels_last=device.type == "cuda", tta=tta)
     assert torch.equal(index, torch.arange(len(dataset))), "predictions must come back in dataset order"
     return logits
+
+
+def require(module: str, pip_spec: str, flag: str) -> None:
+    """Stop before any work when an optional feature's package is missing, with the line that installs it."""
+    if importlib.util.find_spec(module) is None:
+        raise SystemExit(f"error: {flag} needs the {module} package, which is not installed: pip install {pip_spec}")
 
 
 def run_name_of(checkpoint_path: str) -> str:

@@ -122,18 +122,19 @@ def report(name: str, scores: dict) -> None:
 
 
 def table(names: list[str], results_dir: str) -> None:
-    print("| recipe | scored | weighted F1, fold mean ± seed spread | worst fold | " + " | ".join(["fold_0", "fold_1", "fold_2"])
-          + " | recall hem / ALL |")
-    print("|---|---|---|---|---|---|---|---|")
+    """One row per recipe and scoring: fold mean (± half the seed-to-seed range of it), worst fold, each fold, recall."""
+    scores = {name: load_scores(name, results_dir) for name in names}
+    folds = sorted({f for by_scoring in scores.values() for by_fold in by_scoring.values() for f in by_fold})
+    print("| recipe | scored | weighted F1: fold mean ± seed spread | worst fold | " + " | ".join(folds) + " | recall hem / ALL |")
+    print("|---|---|---|---|" + "---|" * len(folds) + "---|")
     for name in names:
-        scores = load_scores(name, results_dir)
         for scoring in SCORINGS:
-            if scoring not in scores:
+            if scoring not in scores[name]:
                 continue
-            s = summarise(scores[scoring])
+            s = summarise(scores[name][scoring])
             spread = f" ± {s['spread'] / 2:.3f}" if len(s["seeds"]) > 1 else ""
             print(f"| {name} | {scoring} | {s['mean']:.3f}{spread} | {s['worst']:.3f} | "
-                  + " | ".join(f"{v:.3f}" for _, v in sorted(s["per_fold"].items()))
+                  + " | ".join(f"{s['per_fold'][f]:.3f}" if f in s["per_fold"] else "" for f in folds)
                   + f" | {s['recall']['hem']:.3f} / {s['recall']['ALL']:.3f} |")
 
 

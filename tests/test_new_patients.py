@@ -142,7 +142,10 @@ def test_dataset_logits_with_adaptation_differ_only_through_batchnorm(trained_ru
     checkpoint = utils.load_checkpoint(os.path.join(trained_runs[0], "best.pt"))
     model, preprocess = utils.model_from_checkpoint(checkpoint, torch.device("cpu"))
     dataset = dataloader.RetinopathyLoader(demo_root, "valid", preprocess=preprocess, output="uint8")
-    logits = utils.dataset_logits(model, preprocess, dataset, torch.device("cpu"), batch_size=8, workers=0, adapt_bn=adapt)
-    plain = utils.dataset_logits(model, preprocess, dataset, torch.device("cpu"), batch_size=8, workers=0)
+    if adapt:
+        model = utils.adapt_to_dataset(model, preprocess, dataset, torch.device("cpu"), batch_size=8, workers=0)
+    logits = utils.dataset_logits(model, preprocess, dataset, torch.device("cpu"), batch_size=8, workers=0)
+    plain = utils.dataset_logits(utils.model_from_checkpoint(checkpoint, torch.device("cpu"))[0], preprocess, dataset,
+                                 torch.device("cpu"), batch_size=8, workers=0)
     assert logits.shape == (len(dataset), 2)
     assert torch.equal(logits, plain) != adapt

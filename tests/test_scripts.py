@@ -193,3 +193,82 @@ def test_checkpoint_whose_weights_are_of_another_model_is_refused(trained_runs, 
     result = run("predict.py", "--checkpoint", str(tmp_path / "mislabelled.pt"), "--output", str(tmp_path / "sub.csv"))
     assert result.returncode == 1 and "do not fit a resnet50" in result.stderr
     assert not (tmp_path / "sub.csv").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Grad-CAM (evaluate.py --cam)
+
+
+def squares(n, g):
+    """Images (n, 3, 32, 32) with a red square in one quadrant; class 1 has a green square in another, whose centre
+    is returned."""
+    import torch
+
+    y = torch.randint(0, 2, (n,), generator=g)
+    x = 0.1 * torch.randn(n, 3, 32, 32, generator=g)
+    centre = torch.zeros(n, 2, dtype=torch.long)
+    for i in range(n):
+        green, red = (torch.tensor(divmod(q, 2)) * 16 + 4 for q in torch.randperm(4, generator=g)[:2].tolist())
+        x[i, 0, red[0] : red[0] + 8, red[1] : red[1] + 8] += 1
+        if y[i]:
+            x[i, 1, green[0] : green[0] + 8, green[1] : green[1] + 8] += 1
+        centre[i] = green + 4
+    return x, y, centre
+
+
+def test_grad_cam_peaks_where_the_decision_is_made():
+    import torch
+
+    import evaluate
+
+    nn = torch.nn
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential()
+    model.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.ReLU())
+    model.layer4 = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
+    model.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        x, y, _ = squares(64, g)
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    x, y, centre = squares(64, g)
+    assert (model(x).argmax(1) == y).float().mean() > 0.95  # it finds the green square, wherever it is
+    cells, at = x[y == 1][:16], centre[y == 1][:16]
+    cam = evaluate.grad_cam(model, model.layer4, cells, torch.ones(len(cells), dtype=torch.long))
+    assert cam.shape == (16, 32, 32) and cam.max() == pytest.approx(1.0)
+    peak = cam.flatten(1).argmax(1)
+    rows, cols = peak // 32, peak % 32
+    assert ((rows - at[:, 0]).abs() <= 4).all() and ((cols - at[:, 1]).abs() <= 4).all()  # on the green square, not the red
+
+
+def test_evaluate_cam_draws_heat_maps_of_errors_and_right_calls(trained_runs, tmp_path):
+    result = run("evaluate.py", "--checkpoint", os.path.join(trained_runs[0], "last.pt"), "--cam", "--adapt-bn", "--out-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    image = np.asarray(Image.open(tmp_path / "a" / "cam.png").convert("RGB"), dtype=float)
+    assert image.std() > 10  # not blank
+
+
+def test_cam_picks_the_worst_errors_then_confident_right_cells():
+    import evaluate
+
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    prob = np.array([0.9, 0.6, 0.1, 0.05, 0.7, 0.99])
+    assert evaluate.pick_cells(labels, prob, errors=1, right=1) == [3, 2, 5]  # P(ALL) 0.05 for an ALL cell: the worst error
+    assert evaluate.pick_cells(labels, prob, errors=8, right=2) == [3, 0, 1, 2, 5, 4]
+
+
+def test_a_missing_optional_package_stops_before_any_work(tmp_path):
+    script = ("import sys, importlib.util\n"
+              "real = importlib.util.find_spec\n"
+              "importlib.util.find_spec = lambda name, *a: None if name == 'captum' else real(name, *a)\n"
+              f"sys.path.insert(0, {ROOT!r})\n"
+              f"sys.argv = ['evaluate.py', '--cam', '--checkpoint', {str(tmp_path / 'missing.pt')!r}]\n"
+              "import evaluate\n"
+              "evaluate.utils.run_main(evaluate.main, evaluate.get_args_parser().parse_args)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "pip install captum==0.9.0" in result.stderr and "missing.pt" not in result.stderr

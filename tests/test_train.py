@@ -15,7 +15,7 @@ import torch
 import dataloader
 import train
 import utils
-from conftest import ROOT
+from conftest import ROOT, train_run
 from resnet import build_model
 
 TINY = ["--image-size", "32", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--print-freq", "2"]
@@ -671,3 +671,35 @@ def test_demo_makes_its_data_when_missing(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "making the synthetic demo dataset" in result.stdout and "600 train (408 ALL, 192 hem), 150 valid" in result.stdout
     assert (tmp_path / "runs" / "demo" / "best.pt").exists() and "python evaluate.py --checkpoint" in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TensorBoard
+
+
+def scalars(run: str, tag: str) -> tuple[list[tuple[int, float]], dict]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(run, "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)], events.Tags()
+
+
+def test_tensorboard_logs_every_epoch_and_a_resume_goes_on_without_orphans(demo_root, tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = train_run(demo_root, str(tmp_path), "tb", "--tensorboard")
+    points, tags = scalars(run, "valid/acc")
+    assert [step for step, _ in points] == [1, 2]
+    assert {"lr", "train/loss", "train/acc", "valid/loss", "valid/f1", "images_per_s"} <= set(tags["scalars"])
+    assert tags["images"] == ["valid/confusion_matrix"]
+    history = list(csv.DictReader(open(os.path.join(run, "history.csv"))))
+    assert [round(v, 5) for _, v in points] == [round(float(r["valid_acc"]), 5) for r in history]
+    orphan = SummaryWriter(os.path.join(run, "tensorboard"))  # a run stopped after logging epoch 3 but before saving it
+    orphan.add_scalar("valid/acc", 99.0, 3)
+    orphan.close()
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--output-dir", str(tmp_path), "--run-name", "tb",
+                             "--resume", "--epochs", "3"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    points, _ = scalars(run, "valid/acc")
+    assert [step for step, _ in points] == [1, 2, 3] and 99.0 not in [v for _, v in points]
