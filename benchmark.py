@@ -35,8 +35,11 @@ from PIL import Image
 from torchvision import transforms
 
 import train
-import utils
-from dataloader import Augment, BatchTransform, Preprocess, RetinopathyLoader, atomic_write, getData
+from batching import EpochBatchSampler, make_loader
+from cli import non_negative_int, positive_int
+from devices import DEVICES, amp_dtype, autocast, device_name, keep_freed_memory, resolve_device
+from files import atomic_write
+from dataloader import Augment, BatchTransform, Preprocess, RetinopathyLoader, getData
 from resnet import build_model
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s.
@@ -52,21 +55,21 @@ PRESETS = {
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=list(PRESETS), help="settings for the machine (default: gpu on CUDA, else cpu)")
-    parser.add_argument("--device", choices=utils.DEVICES, default="auto", help="training device (default: auto)")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="training device (default: auto)")
     parser.add_argument("--data-root", default=os.path.join("data", "bench"),
                         help="450 px dataset in the course layout; made with the demo generator if missing (default: data/bench)")
     parser.add_argument("--models", nargs="+", help="models to measure (default: from the preset)")
-    parser.add_argument("--crop", type=utils.non_negative_int, help="centre crop of the epoch measurements, 0 for the whole 450 px image (default: from the preset)")
-    parser.add_argument("--image-size", type=utils.positive_int, help="network input side; unset keeps the crop's side (default: from the preset)")
-    parser.add_argument("--batch-size", type=utils.positive_int, help="images per step (default: from the preset)")
-    parser.add_argument("--steps", type=utils.positive_int, help="timed train steps per model, models taking turns (default: from the preset)")
-    parser.add_argument("--rounds", type=utils.positive_int,
+    parser.add_argument("--crop", type=non_negative_int, help="centre crop of the epoch measurements, 0 for the whole 450 px image (default: from the preset)")
+    parser.add_argument("--image-size", type=positive_int, help="network input side; unset keeps the crop's side (default: from the preset)")
+    parser.add_argument("--batch-size", type=positive_int, help="images per step (default: from the preset)")
+    parser.add_argument("--steps", type=positive_int, help="timed train steps per model, models taking turns (default: from the preset)")
+    parser.add_argument("--rounds", type=positive_int,
                         help="rounds of the pipeline and epoch measurements, taken in turns; medians compared (default: from the preset)")
-    parser.add_argument("--images", type=utils.positive_int, help="images for the pipeline and epoch measurements (default: from the preset)")
-    parser.add_argument("--epochs", type=utils.positive_int,
+    parser.add_argument("--images", type=positive_int, help="images for the pipeline and epoch measurements (default: from the preset)")
+    parser.add_argument("--epochs", type=positive_int,
                         help="epochs of train.py in each epoch measurement, the last one timed; the report-style loop runs one "
                              "(default: from the preset)")
-    parser.add_argument("--workers", type=utils.non_negative_int, default=os.cpu_count() or 1, help="data-loading processes for both pipelines (default: all cores)")
+    parser.add_argument("--workers", type=non_negative_int, default=os.cpu_count() or 1, help="data-loading processes for both pipelines (default: all cores)")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if not in the built-in table")
     parser.add_argument("--skip-compile", action="store_true",
                         help="time train.py with --no-compile throughout: quicker, and for a GPU without Triton (default: train.py's choice)")
@@ -108,7 +111,7 @@ def train_step_seconds(models: dict[str, torch.nn.Module], x, y, steps: int, dev
             model = models[k]
             sync(device)
             start = time.perf_counter()
-            with utils.autocast(device, dtype):
+            with autocast(device, dtype):
                 loss = criterion(model(x).float(), y)
             optimizers[k].zero_grad(set_to_none=True)
             loss.backward()
@@ -194,12 +197,12 @@ def pipeline_vs_report(root: str, cfg: dict, workers: int, device, pin: bool) ->
         preprocess = Preprocess(crop=crop)
         dataset = RetinopathyLoader(root, "train", preprocess=preprocess, output="uint8")
         transform = None if host_only else BatchTransform(preprocess, Augment())  # host only: decode and crop to uint8
-        loader_device = device if pinned else torch.device("cpu")  # unpinned: the shared slots a CPU device gets
+        loader_device = device if pinned else torch.device("cpu")
 
         def measure() -> float:  # a fresh loader each time: nothing decoded ahead by the one before
-            sampler = utils.EpochBatchSampler(len(dataset), batch, shuffle=True)
-            loader, left = utils.make_loader(dataset, sampler, workers, loader_device, transform, seeds=lambda epoch, step: step)
-            return pipeline_rate(loader, device if transform else torch.device("cpu"), left, images=n)
+            sampler = EpochBatchSampler(len(dataset), batch, shuffle=True)
+            loader = make_loader(dataset, sampler, workers, loader_device)
+            return pipeline_rate(loader, device if transform else torch.device("cpu"), transform, images=n)
 
         return measure
 
@@ -402,19 +405,19 @@ def wait_note(epoch: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    device = utils.resolve_device(args.device)
-    utils.keep_freed_memory(device)  # as train.py: both sides of every figure run in this process
+    device = resolve_device(args.device)
+    keep_freed_memory(device)  # as train.py: both sides of every figure run in this process
     cfg = dict(PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")])
     for k in ("models", "crop", "image_size", "batch_size", "steps", "rounds", "epochs"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
     if args.images:
         cfg["pipeline_images"] = cfg["train_images"] = args.images
-    dtype = utils.amp_dtype(device)
+    dtype = amp_dtype(device)
     channels_last = device.type == "cuda"
     torch.backends.cudnn.benchmark = True
     root = bench_data(args.data_root, cfg["train_images"], args.workers)
-    out = {"device": utils.device_name(device), "cpu_cores": os.cpu_count(), "torch": torch.__version__,
+    out = {"device": device_name(device), "cpu_cores": os.cpu_count(), "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d"), "settings": cfg, "command": " ".join(["python", *sys.argv])}
     print(f"device {out['device']}, {out['cpu_cores']} CPU cores, torch {torch.__version__}; data {root}")
 

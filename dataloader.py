@@ -1,4 +1,4 @@
-"""The course data: CSV files, the RetinopathyLoader dataset, and one preprocessing pipeline; atomic file writes.
+"""The course data: the split CSVs (getData), the RetinopathyLoader dataset, and one preprocessing pipeline.
 
 Layout (see data/README.md): <root>/train.csv and valid.csv (Path,label), <root>/resnet_<18|50|152>_test.csv
 (Path), the images at the CSV's paths, relative to the CSV's folder. Label 0 = hem (normal), 1 = ALL (blast).
@@ -7,9 +7,8 @@ The pipeline has two halves so that it runs as fast on a GPU as on a laptop:
   - decode_image (CPU, in DataLoader workers): read the file (the course's 24-bit BMPs with numpy, anything else
     with PIL), make it RGB, centre-crop the black border, resize, and return uint8 (H, W, 3). Nothing else
     crosses to a GPU.
-  - BatchTransform (batched): flips, rotation and zoom in one affine grid_sample, stain/colour jitter, float
-    conversion and normalisation. A GPU runs it on its batches; where the CPU trains, the workers run it too,
-    right after decoding (utils.SlotLoader).
+  - BatchTransform (batched, on the training device): flips, rotation and zoom in one affine grid_sample,
+    stain/colour jitter, float conversion and normalisation.
 A RetinopathyLoader with output="float" runs both halves per image, so there is one copy of each transform.
 
     python dataloader.py --check [--data-root data]        scan every file and report problems
@@ -20,18 +19,13 @@ A RetinopathyLoader with output="float" runs both halves per image, so there is 
 from __future__ import annotations
 
 import argparse
-import csv
-import errno
 import functools
 import io
 import math
 import os
-import shutil
 import struct
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -39,14 +33,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-CLASSES = ("hem", "ALL")
+import datatools
+from files import TEST_CSVS, DataError, check_not_empty, read_csv
+
 SPLITS = ("train", "valid", "test")
-TEST_CSVS = {"resnet18": "resnet_18_test.csv", "resnet50": "resnet_50_test.csv", "resnet152": "resnet_152_test.csv"}
-IMAGE_EXTENSIONS = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
-
-
-class DataError(Exception):
-    """A problem with the dataset on disk; the message says which file or row and what to do."""
 
 
 @dataclass
@@ -100,114 +90,7 @@ NO_AUGMENT = Augment(hflip=False, vflip=False, rotation=0.0, scale=(1.0, 1.0), s
 
 
 # ----------------------------------------------------------------------------------------------------------
-# CSV files, and writing any file atomically
-
-
-def read_csv(csv_path: str, labelled: bool, problems: list[str] | None = None) -> tuple[list[str], list[int] | None]:
-    """The Path strings of a course CSV, unchanged, and its labels (None for a test CSV).
-
-    A bad label raises DataError naming the row; with a problems list, bad rows are reported there and skipped.
-    """
-    if not os.path.isfile(csv_path):
-        raise DataError(f"{csv_path}: file not found")
-    expected = ["Path", "label"] if labelled else ["Path"]
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
-    header = [h.strip() for h in rows[0]] if rows else []
-    if header[: len(expected)] != expected:
-        raise DataError(
-            f"{csv_path}: header is {','.join(header) or '(empty file)'}, expected {','.join(expected)}. "
-            "Use the CSV files handed out with the lab, unchanged."
-        )
-    paths: list[str] = []
-    labels: list[int] = []
-    for line_no, row in enumerate(rows[1:], start=2):
-        if not row or not row[0].strip():
-            continue
-        if labelled:
-            value = row[1].strip() if len(row) > 1 else ""
-            if value not in ("0", "1"):
-                message = f"{csv_path}, line {line_no} ({row[0]}): label {value!r} is not 0 (hem) or 1 (ALL); fix that row"
-                if problems is None:
-                    raise DataError(message)
-                problems.append(message)
-                continue
-            labels.append(int(value))
-        paths.append(row[0].strip())
-    return paths, (labels if labelled else None)
-
-
-class DiskFullError(OSError):
-    """A write that the disk has no room for; the message names the file, what it needed and what is free."""
-
-    def __init__(self, path: str, needed: int | None, free: int, kept: str):
-        need = f"needs {megabytes(needed)}" if needed else "did not fit"
-        super().__init__(errno.ENOSPC, f"disk full: {path} {need}, and {megabytes(free)} is free there; {kept}")
-        self.path, self.needed, self.free = path, needed, free
-
-    def __str__(self) -> str:
-        return self.strerror
-
-
-def megabytes(n: int) -> str:
-    return f"{n / 1e6:,.0f} MB" if n >= 1e6 else f"{n / 1e6:.2f} MB"
-
-
-def free_space(path: str) -> int:
-    """Bytes free on the file system that holds path (a folder, or a file's folder)."""
-    return shutil.disk_usage(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))).free
-
-
-def atomic_write(path: str, write: Callable[[io.BufferedWriter], None], size: int | None = None) -> None:
-    """Write path through a temporary file in the same folder, fsync it, then os.replace it over path.
-
-    A kill or a full disk at any moment leaves either the old file or the new one, never a broken one. A full
-    disk raises DiskFullError: before anything is written when the expected size is given and does not fit,
-    else once the write fails, whichever layer raised the error (torch.save's zip writer raises RuntimeError).
-    The file gets the permissions the umask gives any new file.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    kept = "the previous version is intact" if os.path.exists(path) else "nothing was written"
-    if size is not None and free_space(folder) < size:
-        raise DiskFullError(path, size, free_space(folder), kept)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
-    except BaseException as e:
-        full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or (
-            isinstance(e, RuntimeError) and free_space(folder) < 1_000_000)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if full:
-            raise DiskFullError(path, size, free_space(folder), kept) from e
-        raise
-
-
-def save_figure(fig, path: str, dpi: int) -> None:
-    """A matplotlib figure written through atomic_write, in the format its file name ends with."""
-    atomic_write(path, lambda f: fig.savefig(f, format=os.path.splitext(path)[1][1:], dpi=dpi))
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_csv_atomic(path: str, header: list[str], rows: list[list]) -> None:
-    """A CSV file with Unix line ends, written through atomic_write."""
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    data = text.getvalue().encode()
-    atomic_write(path, lambda f: f.write(data), size=len(data))
+# The split CSVs
 
 
 def find_test_csv(root: str, model: str | None = None) -> str:
@@ -250,19 +133,6 @@ def getData(mode: str, root: str = "data", model: str | None = None, csv_path: s
     folder = os.path.dirname(os.path.abspath(path))
     paths = [os.path.normpath(os.path.join(folder, name)) for name in names]
     return paths if mode == "test" else (paths, labels)
-
-
-def check_not_empty(paths: list[str], source: str) -> None:
-    if not paths:
-        raise DataError(f"{source}: no images listed under its header. Use the CSV files handed out with the lab, unchanged.")
-
-
-def check_both_classes(labels: list[int], source: str) -> None:
-    """Training needs cells of both classes: a split with one class alone makes class weights infinite."""
-    absent = [f"{i} ({name})" for i, name in enumerate(CLASSES) if i not in labels]
-    if absent:
-        raise DataError(f"{source}: no image labelled {' or '.join(absent)}; training needs both classes. "
-                        "Use the lab's train.csv, or add cells of the missing class.")
 
 
 def check_files_exist(paths: list[str], source: str) -> None:
@@ -344,15 +214,14 @@ class BatchTransform:
     Flips, rotation and scale are folded into one affine matrix per image and applied by one nearest-neighbour
     grid_sample (the pixels torchvision's RandomRotation picks by default, tested); the border they uncover
     is black, like the slide background. Stain and brightness gains fold into the normalisation.
-    The random draws come from `generator` (a CPU generator) and do not depend on the device. The result goes
-    into `out` when given (a loader's shared slot), else into a new tensor.
+    The random draws come from `generator` (a CPU generator) and do not depend on the device.
     """
 
     def __init__(self, preprocess: Preprocess, augment: Augment | None = None):
         self.preprocess = preprocess
         self.augment = augment or NO_AUGMENT
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         a, (n, h, w, c) = self.augment, x.shape
 
         def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
@@ -379,11 +248,9 @@ class BatchTransform:
         # A row of pixels is w * c numbers: per-channel factors repeated along it let the multiply run over
         # long contiguous rows instead of triples (several times faster on a CPU).
         scale_rows = scale.repeat(1, w).view(n, 1, w * c)
-        out = torch.empty((n, c, h, w), dtype=torch.float32, device=x.device) if out is None else out
+        out = torch.empty((n, c, h, w), dtype=torch.float32, device=x.device)
         # A GPU takes the batch at once. A CPU takes two images per thread at a time (grid_sample shares a batch
-        # out among threads by image; a loader's worker has one thread), so that their floats and sampling grids
-        # stay in its core's caches: about twice as fast as whole batches. Two rather than one: with several
-        # threads, half as many waits of the threads for each other.
+        # out among threads by image), so that their floats and sampling grids stay in the cores' caches.
         step = 2 * torch.get_num_threads() if x.device.type == "cpu" else n
         floats = torch.empty((min(step, n), h, w, c), dtype=torch.float32, device=x.device)  # reused by every step
         for s in range(0, n, step):
@@ -518,8 +385,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    import datatools
-
     if args.check:
         return datatools.check_dataset(args.data_root, workers=args.workers)
     if args.make_demo:
@@ -537,9 +402,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    # datatools imports this file as "dataloader": make that this very module, so that the DataError it raises is
-    # the one caught here (a second copy of the module would have its own DataError class, and a traceback).
-    sys.modules["dataloader"] = sys.modules[__name__]
     try:
         sys.exit(main(get_args_parser().parse_args()))
     except (DataError, OSError) as e:

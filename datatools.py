@@ -16,7 +16,7 @@ from multiprocessing import Pool
 import numpy as np
 from PIL import Image
 
-from dataloader import CLASSES, IMAGE_EXTENSIONS, TEST_CSVS, DataError, check_both_classes, check_not_empty, read_csv, write_csv_atomic
+from files import CLASSES, IMAGE_EXTENSIONS, TEST_CSVS, DataError, check_both_classes, check_not_empty, read_csv, write_csv_atomic
 
 
 def parallel_map(function, items: list, workers: int, chunksize: int) -> list:

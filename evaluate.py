@@ -25,8 +25,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
-import utils  # noqa: E402
-from dataloader import CLASSES, BatchTransform, RetinopathyLoader, atomic_write, decode_image, read_csv, save_figure, write_csv_atomic  # noqa: E402
+from checkpoints import checkpoint_data_root, find_runs, load_checkpoint, model_from_checkpoint, run_name_of  # noqa: E402
+from cli import non_negative_int, positive_int, require, run_main  # noqa: E402
+from devices import DEVICES, WORKERS, keep_freed_memory, resolve_device  # noqa: E402
+from files import CLASSES, atomic_write, read_csv, save_figure, write_csv_atomic  # noqa: E402
+from inference import adapt_to_dataset, dataset_logits  # noqa: E402
+from dataloader import BatchTransform, RetinopathyLoader, decode_image  # noqa: E402
 from resnet import MODELS  # noqa: E402
 
 
@@ -46,10 +50,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cam", action="store_true",
                         help="also draw Grad-CAM heat maps (captum) of the worst errors and of confidently right cells of each class "
                              "in cam.png: where the network looked")
-    parser.add_argument("--batch-size", type=utils.positive_int, default=64, help="images per batch (default: 64)")
-    parser.add_argument("--workers", type=utils.non_negative_int, default=utils.WORKERS, help="data-loading processes (default: min(8, cores))")
-    parser.add_argument("--device", choices=utils.DEVICES, default="auto", help="where to run (default: auto)")
-    parser.add_argument("--gallery", type=utils.non_negative_int, default=16, help="most confidently wrong cells to show (default: 16)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (default: 64)")
+    parser.add_argument("--workers", type=non_negative_int, default=WORKERS, help="data-loading processes (default: min(8, cores))")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default: auto)")
+    parser.add_argument("--gallery", type=non_negative_int, default=16, help="most confidently wrong cells to show (default: 16)")
     return parser
 
 
@@ -188,17 +192,17 @@ def plot_cams(model, preprocess, paths: list[str], labels: np.ndarray, prob_all:
 
 
 def evaluate_run(checkpoint_path: str, args: argparse.Namespace, device: torch.device) -> dict:
-    checkpoint = utils.load_checkpoint(checkpoint_path)
-    model, preprocess = utils.model_from_checkpoint(checkpoint, device)
-    root = utils.checkpoint_data_root(checkpoint, args.data_root)
+    checkpoint = load_checkpoint(checkpoint_path)
+    model, preprocess = model_from_checkpoint(checkpoint, device)
+    root = checkpoint_data_root(checkpoint, args.data_root)
     split = "custom" if args.csv else args.split
     dataset = RetinopathyLoader(root, "valid" if args.csv else args.split, preprocess=preprocess, output="uint8", csv_path=args.csv)
     if args.adapt_bn:
-        model = utils.adapt_to_dataset(model, preprocess, dataset, device, args.batch_size, args.workers)
-    logits = utils.dataset_logits(model, preprocess, dataset, device, args.batch_size, args.workers, args.tta)
+        model = adapt_to_dataset(model, preprocess, dataset, device, args.batch_size, args.workers)
+    logits = dataset_logits(model, preprocess, dataset, device, args.batch_size, args.workers, args.tta)
     prob_all = logits.softmax(1)[:, 1].numpy()
     labels = np.asarray(dataset.label)
-    run = utils.run_name_of(checkpoint_path)
+    run = run_name_of(checkpoint_path)
     out = os.path.join(args.out_dir, run)
     os.makedirs(out, exist_ok=True)
 
@@ -260,10 +264,10 @@ def write_comparison(results: list[dict], out_dir: str) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.cam:
-        utils.require("captum", "captum==0.9.0", "--cam")
-    device = utils.resolve_device(args.device)
-    utils.keep_freed_memory(device)
-    checkpoints = args.checkpoint or [os.path.join(r, "best.pt") for r in utils.find_runs(args.checkpoints_dir, args.model)]
+        require("captum", "captum==0.9.0", "--cam")
+    device = resolve_device(args.device)
+    keep_freed_memory(device)
+    checkpoints = args.checkpoint or [os.path.join(r, "best.pt") for r in find_runs(args.checkpoints_dir, args.model)]
     if not checkpoints:
         print(f"error: no run with a best.pt under {args.checkpoints_dir}/{' for ' + args.model if args.model else ''}; "
               "train one first (python train.py --demo) or pass --checkpoint", file=sys.stderr)
@@ -275,4 +279,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    utils.run_main(main, get_args_parser().parse_args)
+    run_main(main, get_args_parser().parse_args)

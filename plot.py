@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from dataloader import save_figure  # noqa: E402
+from files import save_figure  # noqa: E402
 
 HISTORY_COLUMNS = {"epoch", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc"}
 

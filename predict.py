@@ -14,8 +14,12 @@ import os
 
 import torch
 
-import utils
-from dataloader import TEST_CSVS, RetinopathyLoader, find_test_csv, read_csv, write_csv_atomic
+from checkpoints import CheckpointError, checkpoint_data_root, find_runs, load_checkpoint, model_from_checkpoint, run_name_of
+from cli import non_negative_int, positive_int, run_main
+from devices import DEVICES, WORKERS, keep_freed_memory, resolve_device
+from files import TEST_CSVS, read_csv, write_csv_atomic
+from inference import adapt_to_dataset, dataset_logits
+from dataloader import RetinopathyLoader, find_test_csv
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -31,9 +35,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapt-bn", action="store_true",
                         help="first re-estimate the BatchNorm statistics on the images being scored (AdaBN; no labels used, "
                              "the checkpoint is not changed): for new patients, another microscope or stain")
-    parser.add_argument("--batch-size", type=utils.positive_int, default=64, help="images per batch (default: 64)")
-    parser.add_argument("--workers", type=utils.non_negative_int, default=utils.WORKERS, help="data-loading processes (default: min(8, cores))")
-    parser.add_argument("--device", choices=utils.DEVICES, default="auto", help="where to run (default: auto)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (default: 64)")
+    parser.add_argument("--workers", type=non_negative_int, default=WORKERS, help="data-loading processes (default: min(8, cores))")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default: auto)")
     return parser
 
 
@@ -41,40 +45,40 @@ def pick_checkpoints(args: argparse.Namespace) -> list[str]:
     if args.checkpoint:
         return args.checkpoint
     if args.model is None:
-        raise utils.CheckpointError("name a --model or one or more --checkpoint files")
+        raise CheckpointError("name a --model or one or more --checkpoint files")
     own = os.path.join(args.checkpoints_dir, args.model, "best.pt")
     if os.path.isfile(own):
         return [own]
-    runs = utils.find_runs(args.checkpoints_dir, args.model)
+    runs = find_runs(args.checkpoints_dir, args.model)
     if len(runs) == 1:
         return [os.path.join(runs[0], "best.pt")]
     if not runs:
-        raise utils.CheckpointError(f"no {args.model} run with a best.pt under {args.checkpoints_dir}/; train one: python train.py --model {args.model}")
-    raise utils.CheckpointError(f"several {args.model} runs ({', '.join(map(os.path.basename, runs))}): pick one with --checkpoint")
+        raise CheckpointError(f"no {args.model} run with a best.pt under {args.checkpoints_dir}/; train one: python train.py --model {args.model}")
+    raise CheckpointError(f"several {args.model} runs ({', '.join(map(os.path.basename, runs))}): pick one with --checkpoint")
 
 
 def main(args: argparse.Namespace) -> int:
-    device = utils.resolve_device(args.device)
-    utils.keep_freed_memory(device)
+    device = resolve_device(args.device)
+    keep_freed_memory(device)
     paths = pick_checkpoints(args)
-    checkpoints = [utils.load_checkpoint(p) for p in paths]
-    root = utils.checkpoint_data_root(checkpoints[0], args.data_root)
+    checkpoints = [load_checkpoint(p) for p in paths]
+    root = checkpoint_data_root(checkpoints[0], args.data_root)
     test_csv = args.test_csv or find_test_csv(root, args.model or checkpoints[0]["model_name"])
     ids, _ = read_csv(test_csv, labelled=False)
 
     prob_all = torch.zeros(len(ids))
     for path, checkpoint in zip(paths, checkpoints):
-        model, preprocess = utils.model_from_checkpoint(checkpoint, device)
+        model, preprocess = model_from_checkpoint(checkpoint, device)
         dataset = RetinopathyLoader(root, "test", preprocess=preprocess, output="uint8", csv_path=test_csv)
         if args.adapt_bn:
-            model = utils.adapt_to_dataset(model, preprocess, dataset, device, args.batch_size, args.workers)
-        prob_all += utils.dataset_logits(model, preprocess, dataset, device, args.batch_size, args.workers, args.tta).softmax(1)[:, 1]
+            model = adapt_to_dataset(model, preprocess, dataset, device, args.batch_size, args.workers)
+        prob_all += dataset_logits(model, preprocess, dataset, device, args.batch_size, args.workers, args.tta).softmax(1)[:, 1]
         print(f"{path}: {checkpoint['model_name']}, epoch {checkpoint['epoch']}, best valid {checkpoint.get('metric', 'acc')} "
               f"{checkpoint.get('best_metric', float('nan')):.4f}")
     prob_all /= len(paths)
     labels = (prob_all >= 0.5).long().tolist()
 
-    output = args.output or os.path.join("submissions", "+".join(utils.run_name_of(p) for p in paths) + ".csv")
+    output = args.output or os.path.join("submissions", "+".join(run_name_of(p) for p in paths) + ".csv")
     write_csv_atomic(output, ["ID", "label"], [[i, y] for i, y in zip(ids, labels)])
     if args.probs:
         write_csv_atomic(args.probs, ["ID", "prob_ALL"], [[i, repr(p)] for i, p in zip(ids, prob_all.tolist())])
@@ -84,4 +88,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    utils.run_main(main, get_args_parser().parse_args)
+    run_main(main, get_args_parser().parse_args)

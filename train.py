@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import glob
 import importlib.util
 import json
@@ -30,9 +29,13 @@ import torch.distributed as dist
 from sklearn.metrics import confusion_matrix, f1_score
 from tqdm import tqdm
 
-import utils
-from dataloader import (COLOR_NORMS, Augment, BatchTransform, DiskFullError, Preprocess, RetinopathyLoader, atomic_write, check_both_classes,
-                        free_space, megabytes, write_csv_atomic)
+from batching import CachedBatches, EpochBatchSampler, EpochStream, RunBatchSampler, make_loader
+from checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from cli import non_negative_int, positive_int, require, run_main
+from devices import DEVICES, WORKERS, amp_dtype, autocast, device_name, keep_freed_memory, resolve_device
+from files import DiskFullError, atomic_write, check_both_classes, free_space, megabytes, write_csv_atomic
+from inference import predict_logits
+from dataloader import COLOR_NORMS, Augment, BatchTransform, Preprocess, RetinopathyLoader
 from resnet import MODELS, build_model
 
 # The recipes. "default" is this project's (README: "Why the default recipe"); "seed" is the report's.
@@ -72,21 +75,21 @@ def get_args_parser(add_help: bool = True, suppress_defaults: bool = False) -> a
     add("--recipe", choices=list(RECIPES), default="default", help="hyper-parameter set that unset flags come from (default: default)")
     add("--demo", action="store_true", default=False, help="make data/demo if missing and train resnet18 on it at 64 px")
     add("--data-root", default="data", help="dataset folder with train.csv and valid.csv (default: data)")
-    add("--epochs", type=utils.positive_int, default=None, help=f"total epochs to train {recipe}")
-    add("--batch-size", type=utils.positive_int, default=None, help=f"images per step, per process {recipe}")
+    add("--epochs", type=positive_int, default=None, help=f"total epochs to train {recipe}")
+    add("--batch-size", type=positive_int, default=None, help=f"images per step, per process {recipe}")
     add("--lr", type=float, default=None, help=f"peak learning rate {recipe}")
     add("--optimizer", choices=["sgd", "adam", "adamw"], default=None, help=f"optimizer {recipe}")
     add("--momentum", type=float, default=None, help=f"SGD momentum, Nesterov when > 0 {recipe}")
     add("--weight-decay", type=float, default=None, help=f"weight decay, not applied to norms and biases {recipe}")
     add("--scheduler", choices=["cosine", "step", "plateau", "none"], default=None, help=f"learning-rate schedule {recipe}")
     add("--warmup-epochs", type=float, default=None, help=f"linear warm-up epochs before the schedule {recipe}")
-    add("--lr-step", type=utils.positive_int, default=30, help="epochs between x0.1 decays with --scheduler step (default: 30)")
+    add("--lr-step", type=positive_int, default=30, help="epochs between x0.1 decays with --scheduler step (default: 30)")
     add("--label-smoothing", type=float, default=None, help=f"cross-entropy label smoothing {recipe}")
     add("--class-balance", choices=["loss", "sampler", "none"], default=None,
         help=f"counter the 68/32 ALL/hem split: inverse-frequency loss weights, or a balanced sampler {recipe}")
     add("--ema", type=float, default=None, help=f"decay of an exponential moving average of the weights, 0 for none {recipe}")
-    add("--crop", type=utils.non_negative_int, default=None, help=f"side of the centre square kept from each image, px; 0 keeps it whole {recipe}")
-    add("--image-size", type=utils.positive_int, default=None, help=f"side the crop is resized to, px; unset keeps the crop's side {recipe}")
+    add("--crop", type=non_negative_int, default=None, help=f"side of the centre square kept from each image, px; 0 keeps it whole {recipe}")
+    add("--image-size", type=positive_int, default=None, help=f"side the crop is resized to, px; unset keeps the crop's side {recipe}")
     add("--color-norm", choices=list(COLOR_NORMS), default=None,
         help=f"input colour: 'dataset' mean and std alone, or 'cell': each cell's mean colour brought to one reference first, "
              f"so a patient's stain shifts it less {recipe}")
@@ -96,12 +99,12 @@ def get_args_parser(add_help: bool = True, suppress_defaults: bool = False) -> a
     add("--scale-jitter", type=float, default=None, help=f"random zoom in [1 - s, 1 + s] {recipe}")
     add("--color-jitter", type=float, default=None, help=f"random per-channel stain and brightness gain in [1 - c, 1 + c] {recipe}")
     add("--best-metric", choices=["acc", "f1"], default="acc", help="what best.pt keeps the best of: valid accuracy or weighted F1 (default: acc)")
-    add("--workers", type=utils.non_negative_int, default=utils.WORKERS, help="data-loading processes per GPU (default: min(8, cores))")
+    add("--workers", type=non_negative_int, default=WORKERS, help="data-loading processes per GPU (default: min(8, cores))")
     add("--cache", choices=["none", "ram", "gpu"], default="none",
         help="decode the dataset once and keep it as uint8 in RAM or on the GPU (default: none)")
     add("--seed", type=int, default=0, help="seed of weights, shuffling and augmentation (default: 0)")
     add("--deterministic", action="store_true", default=False, help="deterministic kernels: bit-exact reruns and resumes, slower")
-    add("--device", choices=utils.DEVICES, default="auto", help="where to train (default: auto)")
+    add("--device", choices=DEVICES, default="auto", help="where to train (default: auto)")
     add("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
         help="mixed precision: bf16 on CUDA where supported, else fp16 with a grad scaler; always off on CPU (default: auto)")
     add("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last memory format (default: on with CUDA)")
@@ -115,7 +118,7 @@ def get_args_parser(add_help: bool = True, suppress_defaults: bool = False) -> a
     add("--tensorboard", action="store_true", default=False,
         help="log each epoch's curves, and the valid confusion matrix when best.pt changes, to <run folder>/tensorboard "
              "(view with: tensorboard --logdir checkpoints)")
-    add("--print-freq", type=utils.positive_int, default=50, help="steps between progress updates (default: 50)")
+    add("--print-freq", type=positive_int, default=50, help="steps between progress updates (default: 50)")
     return parser
 
 
@@ -143,9 +146,9 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
 def setup_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device]:
     """(rank, world_size, device). Under torchrun: one process per GPU (NCCL) or per CPU slot (gloo)."""
     if "RANK" not in os.environ:
-        return 0, 1, utils.resolve_device(args.device)
+        return 0, 1, resolve_device(args.device)
     rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    device = utils.resolve_device(args.device)
+    device = resolve_device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
@@ -211,45 +214,43 @@ def transforms_from_args(args: argparse.Namespace) -> tuple[Preprocess, Augment]
 
 
 def load_data(args: argparse.Namespace, preprocess: Preprocess, augment: Augment, rank: int, world_size: int, device: torch.device):
-    """Train and valid batches, iterables of (index, images, labels), each with what is left of its transform
-    (augmented for train) for the loop to apply (utils.make_loader: on a CPU device the workers apply it all); the
-    train sampler; both label lists.
+    """Train and valid batches, iterables of (index, uint8 images, labels); the transform of each (augmented for
+    train), which the loop applies on the device; the train sampler; both label lists.
 
-    The train batches are one stream through every epoch (utils.EpochStream), starting at the train sampler's
+    The train batches are one stream through every epoch (EpochStream), starting at the train sampler's
     epoch: set it before the first epoch when a run resumes.
     """
     train_transform, eval_transform = BatchTransform(preprocess, augment), BatchTransform(preprocess)
     train_set = RetinopathyLoader(args.data_root, "train", preprocess=preprocess, output="uint8")
     valid_set = RetinopathyLoader(args.data_root, "valid", preprocess=preprocess, output="uint8")
     check_both_classes(train_set.label, train_set.csv_path)
-    train_sampler = utils.EpochBatchSampler(len(train_set), args.batch_size, shuffle=True, seed=args.seed,
+    train_sampler = EpochBatchSampler(len(train_set), args.batch_size, shuffle=True, seed=args.seed,
                                             rank=rank, world_size=world_size, drop_last=True)
     if args.class_balance == "sampler":
         train_sampler = BalancedBatchSampler(train_set.label, train_sampler)
-    valid_sampler = utils.EpochBatchSampler(len(valid_set), args.batch_size * 2, shuffle=False, rank=rank, world_size=world_size)
-    run_sampler = utils.RunBatchSampler(train_sampler, args.epochs)
+    valid_sampler = EpochBatchSampler(len(valid_set), args.batch_size * 2, shuffle=False, rank=rank, world_size=world_size)
+    run_sampler = RunBatchSampler(train_sampler, args.epochs)
     if args.cache == "none":
-        seeds = functools.partial(augment_seed, args)
-        train_batches, train_transform = utils.make_loader(train_set, run_sampler, args.workers, device, train_transform, seeds)
-        valid_batches, eval_transform = utils.make_loader(valid_set, valid_sampler, args.workers, device, eval_transform)
+        train_batches = make_loader(train_set, run_sampler, args.workers, device)
+        valid_batches = make_loader(valid_set, valid_sampler, args.workers, device)
     else:
         cache_device, pin = (device if args.cache == "gpu" else torch.device("cpu")), device.type == "cuda"
-        train_batches = utils.CachedBatches(train_set, run_sampler, args.workers, cache_device, pin)
-        valid_batches = utils.CachedBatches(valid_set, valid_sampler, args.workers, cache_device, pin)
-    train_batches = utils.EpochStream(train_batches, len(train_sampler))
+        train_batches = CachedBatches(train_set, run_sampler, args.workers, cache_device, pin)
+        valid_batches = CachedBatches(valid_set, valid_sampler, args.workers, cache_device, pin)
+    train_batches = EpochStream(train_batches, len(train_sampler))
     return train_batches, train_transform, valid_batches, eval_transform, train_sampler, train_set.label, valid_set.label
 
 
 def augment_seed(args: argparse.Namespace, epoch: int, step: int) -> int:
     """The seed of the random augmentation of a train batch: the batch's place in the run (and the process's rank)
-    sets it, so a resumed run draws the same, whether the device or the loader's workers draw it."""
+    sets it, so a resumed run draws the same as one that never stopped."""
     return (args.seed * 1_000_003 + epoch * 1_009 + args.rank) * 100_003 + step
 
 
-class BalancedBatchSampler(utils.EpochBatchSampler):
+class BalancedBatchSampler(EpochBatchSampler):
     """Like EpochBatchSampler, but draws each epoch's indices with replacement so both classes are equally likely."""
 
-    def __init__(self, labels: list[int], base: utils.EpochBatchSampler):
+    def __init__(self, labels: list[int], base: EpochBatchSampler):
         super().__init__(base.n, base.batch_size, True, base.seed, base.rank, base.world_size, base.drop_last)
         counts = torch.bincount(torch.tensor(labels), minlength=2).float()
         self.weights = (1 / counts)[torch.tensor(labels)]
@@ -350,7 +351,7 @@ def build_training(args: argparse.Namespace, device: torch.device, train_labels:
     channels_last = args.channels_last if args.channels_last is not None else device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    dtype = utils.amp_dtype(device, args.amp)
+    dtype = amp_dtype(device, args.amp)
     optimizer = build_optimizer(model, args, device)
     scheduler = build_scheduler(optimizer, steps_per_epoch, args)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -377,11 +378,10 @@ def train_one_epoch(model, ema, batches, transform, optimizer, scheduler, scaler
                dynamic_ncols=True, leave=False)
     for step, (_, x, y) in enumerate(batches):
         x = x.to(device, non_blocking=True)
-        if transform is not None:  # else the loader's workers transformed the batch (a CPU device)
-            x = transform(x, generator.manual_seed(augment_seed(args, epoch, step)))
+        x = transform(x, generator.manual_seed(augment_seed(args, epoch, step)))
         y = y.to(device, non_blocking=True)
         x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        with utils.autocast(device, dtype):
+        with autocast(device, dtype):
             logits = model(x)
             loss = criterion(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
@@ -421,7 +421,7 @@ def train_one_epoch(model, ema, batches, transform, optimizer, scheduler, scaler
 
 def evaluate(model, batches, transform, criterion, labels: list[int], args, device, dtype, channels_last) -> dict:
     """Valid loss, accuracy and weighted F1 over exactly the valid images, gathered from every process."""
-    index, logits = utils.predict_logits(model, batches, transform, device, dtype, channels_last)
+    index, logits = predict_logits(model, batches, transform, device, dtype, channels_last)
     if args.world_size > 1:
         gathered = [None] * args.world_size
         dist.all_gather_object(gathered, (index, logits))
@@ -485,9 +485,9 @@ def check_free_space(out: str, sizes: tuple[int, int], log) -> None:
 
 
 def save_epoch(checkpoint: dict, improved: bool, history: list[dict], out: str) -> None:
-    utils.save_checkpoint(checkpoint, os.path.join(out, "last.pt"))
+    save_checkpoint(checkpoint, os.path.join(out, "last.pt"))
     if improved:
-        utils.save_checkpoint(best_checkpoint(checkpoint), os.path.join(out, "best.pt"))
+        save_checkpoint(best_checkpoint(checkpoint), os.path.join(out, "best.pt"))
     write_history(os.path.join(out, "history.csv"), history)
 
 
@@ -521,7 +521,7 @@ def check_run_dir_is_free(args: argparse.Namespace) -> None:
     and best.pt, days of training perhaps."""
     last = os.path.join(run_dir(args), "last.pt")
     if not args.resume and os.path.exists(last):
-        raise utils.CheckpointError(
+        raise CheckpointError(
             f"{last} exists: {run_dir(args)} holds an earlier run. Continue it with\n"
             f"  python train.py --run-name {args.run_name} --output-dir {args.output_dir} --resume\n"
             "or start a new one with another --run-name (or delete that folder to start it over)")
@@ -561,18 +561,18 @@ def resume_checkpoint_path(args: argparse.Namespace) -> str:
 def merge_resumed_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Namespace:
     """The resumed run's own settings, with only the flags that may change taken from the command line."""
     path = resume_checkpoint_path(args)
-    checkpoint = utils.load_checkpoint(path)
+    checkpoint = load_checkpoint(path)
     saved = checkpoint.get("args") or {}
     if "model" in explicit and args.model != checkpoint["model_name"]:
-        raise utils.CheckpointError(f"{path} is a {checkpoint['model_name']} run, not {args.model}: "
+        raise CheckpointError(f"{path} is a {checkpoint['model_name']} run, not {args.model}: "
                                     f"resume it with --model {checkpoint['model_name']}, or give a new --run-name")
     missing = [k for k in RESUME_KEYS if k not in checkpoint]
     if missing:
-        raise utils.CheckpointError(f"{path} lacks {', '.join(missing)}: it can be evaluated, not resumed. "
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}: it can be evaluated, not resumed. "
                                     "Start a new --run-name (or --resume from a last.pt written by this train.py)")
     conflicts = [k for k in explicit - RESUMABLE - {"demo", "recipe", "model"} if k in saved and saved[k] != getattr(args, k)]
     if conflicts:
-        raise utils.CheckpointError(
+        raise CheckpointError(
             f"{path} was trained with " + ", ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in conflicts)
             + ": these cannot change on resume. Drop them to continue the run, or start a new --run-name")
     merged = {**UNSAVED_BEFORE, **saved}
@@ -586,9 +586,9 @@ def merge_resumed_args(args: argparse.Namespace, explicit: set[str]) -> argparse
 
 def main(args: argparse.Namespace) -> int:
     if args.tensorboard:
-        utils.require("tensorboard", "tensorboard==2.21.0", "--tensorboard")
+        require("tensorboard", "tensorboard==2.21.0", "--tensorboard")
     rank, world_size, device = setup_distributed(args)
-    utils.keep_freed_memory(device)
+    keep_freed_memory(device)
     args.rank, args.world_size = rank, world_size
     check_run_dir_is_free(args)
     compile_model = should_compile(args, device)
@@ -614,7 +614,7 @@ def main(args: argparse.Namespace) -> int:
 
     start_epoch, history, best = 0, [], {"value": -1.0, "epoch": -1}
     if args.resume:
-        checkpoint = utils.load_checkpoint(args.resume)
+        checkpoint = load_checkpoint(args.resume)
         raw_model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
@@ -644,7 +644,7 @@ def main(args: argparse.Namespace) -> int:
         atomic_write(os.path.join(out, "args.json"), lambda f: f.write(json.dumps(vars(args), indent=2).encode()))
     n_params = sum(p.numel() for p in raw_model.parameters())
     compiling = " (the first epoch compiles it; --no-compile to skip)" if compile_model else ""
-    log(f"device {utils.device_name(device)} x {world_size} process(es), precision {dtype or torch.float32}, "
+    log(f"device {device_name(device)} x {world_size} process(es), precision {dtype or torch.float32}, "
         f"channels_last {channels_last}, compile {compile_model}{compiling}")
     log(f"model {args.model}: {n_params / 1e6:.1f} M parameters; input {preprocess.crop or 'full'} px crop -> "
         f"{preprocess.size or preprocess.crop or 'native'} px")
@@ -734,7 +734,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     try:
-        utils.run_main(main, parse_args)
+        run_main(main, parse_args)
     finally:
         if dist.is_initialized():  # under torchrun, whatever ended the run
             dist.destroy_process_group()

@@ -15,9 +15,11 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 import dataloader
+import files
 import datatools
 from conftest import ROOT, shared_path
-from dataloader import Augment, BatchTransform, DataError, Preprocess, RetinopathyLoader, getData
+from dataloader import Augment, BatchTransform, Preprocess, RetinopathyLoader, getData
+from files import DataError
 
 
 def write_rows(path, header, rows):
@@ -53,7 +55,7 @@ def lab_root(tmp_path_factory):
     cell = root / "cell.bmp"
     Image.new("RGB", (48, 48), (120, 60, 140)).save(cell)
     for name, labelled in (("train.csv", True), ("valid.csv", True), ("resnet_18_test.csv", False)):
-        for p in dataloader.read_csv(str(root / name), labelled)[0]:
+        for p in files.read_csv(str(root / name), labelled)[0]:
             target = os.path.join(root, p)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             os.link(cell, target)
@@ -303,10 +305,10 @@ def test_make_demo_on_a_full_disk_leaves_no_half_written_csv(tmp_path, monkeypat
 def test_make_demo_writes_the_course_layout(demo_root):
     names = sorted(os.listdir(demo_root))
     assert names == ["new_dataset", "resnet_152_test.csv", "resnet_18_test.csv", "resnet_50_test.csv", "train.csv", "valid.csv"]
-    paths, labels = dataloader.read_csv(os.path.join(demo_root, "train.csv"), True)
+    paths, labels = files.read_csv(os.path.join(demo_root, "train.csv"), True)
     assert paths == [f"./new_dataset/train/{i}.bmp" for i in range(48)]
     assert abs(sum(labels) / len(labels) - 0.68) < 0.02
-    tests = [dataloader.read_csv(os.path.join(demo_root, n), False)[0] for n in dataloader.TEST_CSVS.values()]
+    tests = [files.read_csv(os.path.join(demo_root, n), False)[0] for n in files.TEST_CSVS.values()]
     assert all(sorted(t) == sorted(f"./new_dataset/test/{i}.bmp" for i in range(12)) for t in tests)
     assert tests[0] != sorted(tests[0], key=lambda p: int(p.split("/")[-1][:-4]))  # shuffled
     img = Image.open(os.path.join(demo_root, "new_dataset", "valid", "0.bmp"))

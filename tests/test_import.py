@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import dataloader
+import files
 import datatools
 from conftest import ROOT, shared_path
 
@@ -57,7 +58,7 @@ def test_subject_split_writes_the_course_layout(release, tmp_path):
     assert result.returncode == 0, result.stderr
     assert read(out / "train.csv")[0] == ["Path", "label"] and read(out / "resnet_50_test.csv")[0] == ["Path"]
     splits = {s: dataloader.getData(s, str(out)) for s in ("train", "valid")}
-    test_names, test_labels = dataloader.read_csv(str(out / "test_labels.csv"), True)
+    test_names, test_labels = files.read_csv(str(out / "test_labels.csv"), True)
     splits["test"] = ([os.path.normpath(os.path.join(out, p)) for p in test_names], test_labels)
     assert sum(len(p) for p, _ in splits.values()) == sum(SUBJECTS.values())
     # no subject in two splits, and every label agrees with its name
@@ -74,7 +75,7 @@ def test_subject_split_writes_the_course_layout(release, tmp_path):
         per_split = {s: labels.count(label) for s, (_, labels) in splits.items()}
         assert all(n > 0 for n in per_split.values()), per_split
         assert abs(per_split["train"] / total - 0.6) < 0.2
-    assert sorted(dataloader.read_csv(str(out / "resnet_18_test.csv"), False)[0]) == sorted(test_names)
+    assert sorted(files.read_csv(str(out / "resnet_18_test.csv"), False)[0]) == sorted(test_names)
     # bad names are reported, not silently dropped
     assert "2 files not imported" in result.stdout
     assert {os.path.basename(p) for p in (out / "unparsed.txt").read_text().split()} == {"snapshot.bmp", "UID_77_1_1_all.bmp"}
@@ -93,10 +94,10 @@ def test_random_split_is_stratified(release, tmp_path):
 
 def test_import_refuses_to_overwrite_and_to_import_nothing(release, tmp_path):
     datatools.import_cnmc(release, str(tmp_path / "out"))
-    with pytest.raises(dataloader.DataError, match="already holds a dataset"):
+    with pytest.raises(files.DataError, match="already holds a dataset"):
         datatools.import_cnmc(release, str(tmp_path / "out"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(dataloader.DataError, match="no cell images"):
+    with pytest.raises(files.DataError, match="no cell images"):
         datatools.import_cnmc(str(tmp_path / "empty"), str(tmp_path / "out2"))
     result = subprocess.run([sys.executable, os.path.join(ROOT, "dataloader.py"), "--import-cnmc", str(tmp_path / "empty"),
                              "--out", str(tmp_path / "out2")], capture_output=True, text=True)
@@ -130,10 +131,11 @@ def test_folds_hold_out_each_subject_once_and_keep_folds_disjoint(release, tmp_p
         assert not train_subjects & valid_subjects
         assert train_subjects | valid_subjects == set(SUBJECTS)  # train holds every subject not held out
         assert all(os.path.isfile(p) for p in train + valid)
+        assert train_labels + valid_labels == [0 if subject_of(p).startswith("H") else 1 for p in train + valid]
         assert len(train) + len(valid) == sum(SUBJECTS.values())
         held_out.update(valid_subjects)
-        assert sorted(dataloader.read_csv(os.path.join(fold, "resnet_18_test.csv"), False)[0]) == sorted(
-            dataloader.read_csv(os.path.join(fold, "valid.csv"), True)[0])
+        assert sorted(files.read_csv(os.path.join(fold, "resnet_18_test.csv"), False)[0]) == sorted(
+            files.read_csv(os.path.join(fold, "valid.csv"), True)[0])
         assert f"fold_{k} (valid: the subjects {', '.join(sorted(valid_subjects))})" in result.stdout
     assert held_out == Counter(SUBJECTS.keys())  # each subject held out exactly once
     table = read(out / "folds.csv")
@@ -146,7 +148,7 @@ def test_folds_hold_out_each_subject_once_and_keep_folds_disjoint(release, tmp_p
 
 
 def test_folds_need_at_least_two(release, tmp_path):
-    with pytest.raises(dataloader.DataError, match="at least 2 folds"):
+    with pytest.raises(files.DataError, match="at least 2 folds"):
         datatools.import_folds(release, str(tmp_path / "out"), 1)
 
 
@@ -160,3 +162,26 @@ def test_real_cells_in_folds_hold_out_each_large_subject(tmp_path):
     for fold, subjects in held_out.items():
         train = {subject_of(p) for p in dataloader.getData("train", str(tmp_path / "out" / fold))[0]}
         assert train == set(fold_of) - set(subjects)
+
+
+def test_fold_summary_gives_mean_worst_spread_and_subjects(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import folds
+
+    f1 = {("fold_0", 0): 0.8, ("fold_1", 0): 0.6, ("fold_0", 1): 0.9, ("fold_1", 1): 0.7}
+    for (fold, seed), value in f1.items():
+        out = tmp_path / "r" / "plain" / f"{fold}-seed{seed}"
+        out.mkdir(parents=True)
+        (out / "metrics.json").write_text(f'{{"weighted_f1": {value}, "recall_hem": 0.5, "recall_ALL": 1.0}}')
+        rows = ["path,label,pred,prob_ALL", "./a/UID_H10_1_1_hem.bmp,0,0,0.1", "./a/UID_H10_1_2_hem.bmp,0,1,0.9",
+                "./a/UID_7_1_1_all.bmp,1,1,0.8"]
+        (out / "predictions.csv").write_text("\n".join(rows) + "\n")
+    scores = folds.load_scores("r", str(tmp_path))
+    s = folds.summarise(scores["plain"])
+    assert s["seeds"] == [0, 1]
+    assert s["mean"] == pytest.approx(0.75)  # fold means 0.7 (seed 0) and 0.8 (seed 1)
+    assert s["spread"] == pytest.approx(0.1) and s["worst"] == pytest.approx(0.65)
+    assert s["per_fold"] == pytest.approx({"fold_0": 0.85, "fold_1": 0.65})
+    assert scores["plain"]["fold_0"][0][1] == {"H10": 0.5, "7": 1.0}
+    folds.table(["r"], str(tmp_path))
+    assert "| r | plain | 0.750 ± 0.050 | 0.650 | 0.850 | 0.650 | 0.500 / 1.000 |" in capsys.readouterr().out

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import dataloader
-import utils
+import checkpoints
+import files
+import inference
 from conftest import ROOT
 from resnet import build_model
 
@@ -51,7 +53,7 @@ def test_adapting_batchnorm_recovers_what_a_colour_shift_lost():
 
     clean, lost = accuracy(model, x), accuracy(model, shifted)
     assert clean > 0.95 and lost < clean - 0.2
-    adapted = utils.adapt_batchnorm(model, as_batches(shifted, 32), None, torch.device("cpu"))
+    adapted = inference.adapt_batchnorm(model, as_batches(shifted, 32), None, torch.device("cpu"))
     assert accuracy(adapted, shifted) >= clean - 0.03
     assert not adapted.training
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model given is untouched
@@ -61,7 +63,7 @@ def test_adapted_statistics_are_those_of_each_layers_inputs():
     torch.manual_seed(0)
     model = build_model("resnet18", num_classes=2).eval()
     images = torch.randn(20, 3, 32, 32) * 0.7 + 0.4
-    adapted = utils.adapt_batchnorm(model, as_batches(images, 8), None, torch.device("cpu"))
+    adapted = inference.adapt_batchnorm(model, as_batches(images, 8), None, torch.device("cpu"))
 
     # The first BatchNorm sees conv1's output, which no other BatchNorm touches: its statistics over all 20 images.
     direct = model.conv1(images)
@@ -87,7 +89,7 @@ def test_adapted_statistics_are_those_of_each_layers_inputs():
         torch.testing.assert_close(adapted_layers[name].running_var, var, rtol=1e-4, atol=1e-5)
 
     # A batch size that divides the set otherwise gives the first layer the same statistics.
-    other = utils.adapt_batchnorm(model, as_batches(images, 5), None, torch.device("cpu"))
+    other = inference.adapt_batchnorm(model, as_batches(images, 5), None, torch.device("cpu"))
     torch.testing.assert_close(other.bn1.running_var, adapted.bn1.running_var, rtol=1e-5, atol=1e-6)
 
 
@@ -130,7 +132,7 @@ def test_adapt_bn_scores_and_predicts_without_touching_the_checkpoints(trained_r
     predicted = subprocess.run([sys.executable, os.path.join(ROOT, "predict.py"), "--checkpoint", *checkpoints, "--adapt-bn", "--tta",
                                 "--output", str(tmp_path / "sub.csv"), *common], capture_output=True, text=True, timeout=300)
     assert predicted.returncode == 0, predicted.stderr
-    ids, _ = dataloader.read_csv(os.path.join(demo_root, "resnet_18_test.csv"), labelled=False)
+    ids, _ = files.read_csv(os.path.join(demo_root, "resnet_18_test.csv"), labelled=False)
     with open(tmp_path / "sub.csv") as f:
         lines = f.read().splitlines()
     assert lines[0] == "ID,label" and [line.split(",")[0] for line in lines[1:]] == ids
@@ -139,13 +141,13 @@ def test_adapt_bn_scores_and_predicts_without_touching_the_checkpoints(trained_r
 
 @pytest.mark.parametrize("adapt", [False, True])
 def test_dataset_logits_with_adaptation_differ_only_through_batchnorm(trained_runs, demo_root, adapt):
-    checkpoint = utils.load_checkpoint(os.path.join(trained_runs[0], "best.pt"))
-    model, preprocess = utils.model_from_checkpoint(checkpoint, torch.device("cpu"))
+    checkpoint = checkpoints.load_checkpoint(os.path.join(trained_runs[0], "best.pt"))
+    model, preprocess = checkpoints.model_from_checkpoint(checkpoint, torch.device("cpu"))
     dataset = dataloader.RetinopathyLoader(demo_root, "valid", preprocess=preprocess, output="uint8")
     if adapt:
-        model = utils.adapt_to_dataset(model, preprocess, dataset, torch.device("cpu"), batch_size=8, workers=0)
-    logits = utils.dataset_logits(model, preprocess, dataset, torch.device("cpu"), batch_size=8, workers=0)
-    plain = utils.dataset_logits(utils.model_from_checkpoint(checkpoint, torch.device("cpu"))[0], preprocess, dataset,
+        model = inference.adapt_to_dataset(model, preprocess, dataset, torch.device("cpu"), batch_size=8, workers=0)
+    logits = inference.dataset_logits(model, preprocess, dataset, torch.device("cpu"), batch_size=8, workers=0)
+    plain = inference.dataset_logits(checkpoints.model_from_checkpoint(checkpoint, torch.device("cpu"))[0], preprocess, dataset,
                                  torch.device("cpu"), batch_size=8, workers=0)
     assert logits.shape == (len(dataset), 2)
     assert torch.equal(logits, plain) != adapt

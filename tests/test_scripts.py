@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from sklearn import metrics as skm
 
-import dataloader
+import files
 from conftest import ROOT, shared_path
 
 
@@ -39,7 +39,7 @@ def test_evaluate_metrics_agree_with_sklearn_on_its_own_predictions(trained_runs
     m = json.loads((out / "metrics.json").read_text())
     table = rows(out / "predictions.csv")
     assert table[0] == ["path", "label", "pred", "prob_ALL"]
-    names, labels = dataloader.read_csv(os.path.join(demo_root, "valid.csv"), True)
+    names, labels = files.read_csv(os.path.join(demo_root, "valid.csv"), True)
     assert [r[0] for r in table[1:]] == names and [int(r[1]) for r in table[1:]] == labels  # CSV order, never shuffled
     y, pred, prob = (np.array([float(r[i]) for r in table[1:]]) for i in (1, 2, 3))
     assert np.array_equal(pred, prob >= 0.5)
@@ -91,7 +91,7 @@ def lab_test_root(tmp_path):
     root = tmp_path / "lab"
     root.mkdir()
     shutil.copy(shared_path("lab_csv", "resnet_18_test.csv"), root / "resnet_18_test.csv")
-    ids, _ = dataloader.read_csv(str(root / "resnet_18_test.csv"), False)
+    ids, _ = files.read_csv(str(root / "resnet_18_test.csv"), False)
     (root / "new_dataset" / "test").mkdir(parents=True)
     cells = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)) for i in range(4)]
     for k, cells_path in enumerate(ids):
@@ -119,7 +119,7 @@ def test_predict_by_model_name_with_probs_and_tta(trained_runs, demo_root, tmp_p
     assert result.returncode == 0, result.stderr
     submission = rows(tmp_path / "submissions" / "resnet18.csv")
     probs = rows(tmp_path / "probs.csv")
-    ids, _ = dataloader.read_csv(os.path.join(demo_root, "resnet_18_test.csv"), False)
+    ids, _ = files.read_csv(os.path.join(demo_root, "resnet_18_test.csv"), False)
     assert [r[0] for r in submission[1:]] == ids == [r[0] for r in probs[1:]]
     assert probs[0] == ["ID", "prob_ALL"]
     assert [int(r[1]) for r in submission[1:]] == [int(float(p[1]) >= 0.5) for p in probs[1:]]
@@ -269,6 +269,6 @@ def test_a_missing_optional_package_stops_before_any_work(tmp_path):
               f"sys.path.insert(0, {ROOT!r})\n"
               f"sys.argv = ['evaluate.py', '--cam', '--checkpoint', {str(tmp_path / 'missing.pt')!r}]\n"
               "import evaluate\n"
-              "evaluate.utils.run_main(evaluate.main, evaluate.get_args_parser().parse_args)\n")
+              "evaluate.run_main(evaluate.main, evaluate.get_args_parser().parse_args)\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "pip install captum==0.9.0" in result.stderr and "missing.pt" not in result.stderr

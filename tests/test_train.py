@@ -12,9 +12,11 @@ import time
 import pytest
 import torch
 
-import dataloader
+import batching
+import checkpoints
+import devices
+import files
 import train
-import utils
 from conftest import ROOT, train_run
 from resnet import build_model
 
@@ -43,7 +45,7 @@ def read_history(path):
 
 
 def weights(path):
-    return utils.load_checkpoint(path)["model"]
+    return checkpoints.load_checkpoint(path)["model"]
 
 
 def assert_same_weights(a, b):
@@ -77,7 +79,7 @@ def test_end_to_end_run_writes_every_run_file(demo_root, tmp_path):
     best = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
     assert best["best_metric"] == max(float(r["valid_acc"]) for r in history)
 
-    model, preprocess = utils.model_from_checkpoint(checkpoint, torch.device("cpu"))
+    model, preprocess = checkpoints.model_from_checkpoint(checkpoint, torch.device("cpu"))
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 2) and preprocess.size == 32
 
 
@@ -104,9 +106,9 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(demo_root, tmp_path):
     assert_same_history(read_history(tmp_path / "straight" / "history.csv"), read_history(tmp_path / "killed" / "history.csv"))
 
 
-def test_a_run_is_the_same_whether_workers_or_the_training_process_transform_its_batches(demo_root, tmp_path):
-    run_train(demo_root, tmp_path, "--epochs", "2", "--run-name", "here")  # --workers 0: the loop transforms each batch
-    run_train(demo_root, tmp_path, "--epochs", "2", "--run-name", "workers", "--workers", "2")  # the workers do (a CPU device)
+def test_a_run_is_the_same_with_any_number_of_workers(demo_root, tmp_path):
+    run_train(demo_root, tmp_path, "--epochs", "2", "--run-name", "here")  # --workers 0: decoded in the training process
+    run_train(demo_root, tmp_path, "--epochs", "2", "--run-name", "workers", "--workers", "2")
     assert_same_history(read_history(tmp_path / "here" / "history.csv"), read_history(tmp_path / "workers" / "history.csv"))
     assert_same_weights(weights(tmp_path / "here" / "last.pt"), weights(tmp_path / "workers" / "last.pt"))
 
@@ -132,7 +134,7 @@ def test_a_signal_to_the_process_group_stops_cleanly_and_says_how_to_resume(demo
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == code, out
     assert f"stopped by {sig.name}" in out and "--resume" in out and "Traceback" not in out
-    last = utils.load_checkpoint(str(tmp_path / "term" / "last.pt"))
+    last = checkpoints.load_checkpoint(str(tmp_path / "term" / "last.pt"))
     assert last["epoch"] == len(read_history(history)) >= 1
 
 
@@ -198,12 +200,12 @@ def test_train_set_of_one_class_is_refused_before_anything_is_written(demo_root,
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(demo_root, tmp_path):
     flags = ["--run-name", "nan", "--scheduler", "none", "--ema", "0", "--momentum", "0"]
     run_train(demo_root, tmp_path, "--epochs", "1", *flags)
-    before = utils.load_checkpoint(str(tmp_path / "nan" / "last.pt"))
+    before = checkpoints.load_checkpoint(str(tmp_path / "nan" / "last.pt"))
     result = run_train(demo_root, tmp_path, "--epochs", "3", "--resume", "--lr", "1e30", *flags[:2], check=False)
     assert "peak learning rate changed from 0.05 to 1e+30" in result.stdout
     assert result.returncode == 1 and "loss became nan" in result.stdout.lower()
     assert "keeps the last good epoch" in result.stdout
-    after = utils.load_checkpoint(str(tmp_path / "nan" / "last.pt"))
+    after = checkpoints.load_checkpoint(str(tmp_path / "nan" / "last.pt"))
     assert after["epoch"] == 1
     assert_same_weights(before["model"], after["model"])
 
@@ -216,7 +218,7 @@ def test_two_process_torchrun_on_cpu(demo_root, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("epoch 2/2  lr") == 1  # only rank 0 prints
     assert "x 2 process(es)" in result.stdout and "3 steps of 8 x 2 per epoch" in result.stdout
-    checkpoint = utils.load_checkpoint(str(tmp_path / "ddp" / "last.pt"))
+    checkpoint = checkpoints.load_checkpoint(str(tmp_path / "ddp" / "last.pt"))
     assert checkpoint["epoch"] == 2 and not any(k.startswith("module.") for k in checkpoint["model"])
     # valid accuracy is a share of exactly the 16 valid images
     assert all(round(float(r["valid_acc"]) * 16, 4) == round(float(r["valid_acc"]) * 16) for r in read_history(tmp_path / "ddp" / "history.csv"))
@@ -228,16 +230,16 @@ def test_two_process_torchrun_on_cpu(demo_root, tmp_path):
 
 def test_save_killed_halfway_leaves_the_previous_checkpoint(tmp_path):
     path = tmp_path / "last.pt"
-    utils.save_checkpoint({"model": {"w": torch.ones(3)}, "epoch": 1}, str(path))
+    checkpoints.save_checkpoint({"model": {"w": torch.ones(3)}, "epoch": 1}, str(path))
     script = (
         "import os, signal, sys, torch\n"
         f"sys.path.insert(0, {ROOT!r})\n"
-        "import dataloader\n"
+        "import files\n"
         "def write(f):\n"
         "    f.write(b'x' * 1000)\n"
         "    f.flush()\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        f"dataloader.atomic_write({str(path)!r}, write)\n"
+        f"files.atomic_write({str(path)!r}, write)\n"
     )
     result = subprocess.run([sys.executable, "-c", script])
     assert result.returncode == -signal.SIGKILL
@@ -247,16 +249,16 @@ def test_save_killed_halfway_leaves_the_previous_checkpoint(tmp_path):
 
 def test_full_disk_says_so_and_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "best.pt"
-    utils.save_checkpoint({"epoch": 1}, str(path))
+    checkpoints.save_checkpoint({"epoch": 1}, str(path))
 
     def full(obj, f):
         f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(dataloader.DiskFullError, match=r"disk full: .*best.pt needs [\d.]+ MB, and [\d,.]+ MB is free there; "
+    with pytest.raises(files.DiskFullError, match=r"disk full: .*best.pt needs [\d.]+ MB, and [\d,.]+ MB is free there; "
                                                         "the previous version is intact"):
-        utils.save_checkpoint({"epoch": 2}, str(path))
+        checkpoints.save_checkpoint({"epoch": 2}, str(path))
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["epoch"] == 1
     assert os.listdir(tmp_path) == ["best.pt"]
@@ -264,34 +266,34 @@ def test_full_disk_says_so_and_keeps_the_previous_file(tmp_path, monkeypatch):
 
 def test_torchs_own_error_on_a_full_disk_is_called_a_full_disk(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    utils.save_checkpoint({"epoch": 1}, str(path))
+    checkpoints.save_checkpoint({"epoch": 1}, str(path))
 
     def zip_writer_fails(obj, f):
         f.write(b"partial")
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 70674176 vs 70674072")
 
     monkeypatch.setattr(torch, "save", zip_writer_fails)
-    monkeypatch.setattr(dataloader, "free_space", lambda folder: 4096)  # the disk is full by now
-    with pytest.raises(dataloader.DiskFullError, match="^disk full: .*last.pt did not fit, and 0.00 MB is free there; the previous version is intact"):
-        dataloader.atomic_write(str(path), lambda f: torch.save({}, f))
-    monkeypatch.setattr(dataloader, "free_space", lambda folder: 10**12)  # room enough: a real error, not a full disk
+    monkeypatch.setattr(files, "free_space", lambda folder: 4096)  # the disk is full by now
+    with pytest.raises(files.DiskFullError, match="^disk full: .*last.pt did not fit, and 0.00 MB is free there; the previous version is intact"):
+        files.atomic_write(str(path), lambda f: torch.save({}, f))
+    monkeypatch.setattr(files, "free_space", lambda folder: 10**12)  # room enough: a real error, not a full disk
     with pytest.raises(RuntimeError, match="unexpected pos"):
-        dataloader.atomic_write(str(path), lambda f: torch.save({}, f))
+        files.atomic_write(str(path), lambda f: torch.save({}, f))
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["epoch"] == 1 and os.listdir(tmp_path) == ["last.pt"]
 
 
 def test_a_write_that_cannot_fit_is_refused_before_it_starts(tmp_path, monkeypatch):
-    monkeypatch.setattr(dataloader, "free_space", lambda folder: 10_000_000)
-    with pytest.raises(dataloader.DiskFullError, match="sub.csv needs 25 MB, and 10 MB is free there; nothing was written"):
-        dataloader.atomic_write(str(tmp_path / "sub.csv"), lambda f: f.write(b"x"), size=25_000_000)
+    monkeypatch.setattr(files, "free_space", lambda folder: 10_000_000)
+    with pytest.raises(files.DiskFullError, match="sub.csv needs 25 MB, and 10 MB is free there; nothing was written"):
+        files.atomic_write(str(tmp_path / "sub.csv"), lambda f: f.write(b"x"), size=25_000_000)
     assert os.listdir(tmp_path) == []
 
 
 def test_free_space_check_stops_with_both_numbers(tmp_path, monkeypatch):
     messages = []
     monkeypatch.setattr(train, "free_space", lambda folder: 150_000_000)
-    with pytest.raises(dataloader.DiskFullError, match=r"needs 180 MB, and 150 MB is free there; last.pt \(134 MB\) and best.pt \(46 MB\)"):
+    with pytest.raises(files.DiskFullError, match=r"needs 180 MB, and 150 MB is free there; last.pt \(134 MB\) and best.pt \(46 MB\)"):
         train.check_free_space(str(tmp_path), (134_000_000, 46_000_000), messages.append)
     train.check_free_space(str(tmp_path), (100_000_000, 40_000_000), messages.append)  # fits, but not a third copy
     assert len(messages) == 1 and "the run will stop there" in messages[0]
@@ -305,8 +307,8 @@ def test_free_space_check_stops_with_both_numbers(tmp_path, monkeypatch):
 def test_new_files_get_the_permissions_of_the_umask(tmp_path, umask):
     old = os.umask(umask)
     try:
-        utils.save_checkpoint({"epoch": 1}, str(tmp_path / "last.pt"))
-        dataloader.write_csv_atomic(str(tmp_path / "sub.csv"), ["ID", "label"], [["a", 1]])
+        checkpoints.save_checkpoint({"epoch": 1}, str(tmp_path / "last.pt"))
+        files.write_csv_atomic(str(tmp_path / "sub.csv"), ["ID", "label"], [["a", 1]])
     finally:
         os.umask(old)
     for name in ("last.pt", "sub.csv"):
@@ -381,15 +383,15 @@ def test_counts_out_of_range_are_refused_by_the_flag_parser(flags, message, caps
 
 
 def test_epoch_sampler_shards_without_overlap_and_depends_only_on_epoch():
-    a = utils.EpochBatchSampler(10, 3, shuffle=True, seed=1, rank=0, world_size=2)
-    b = utils.EpochBatchSampler(10, 3, shuffle=True, seed=1, rank=1, world_size=2)
+    a = batching.EpochBatchSampler(10, 3, shuffle=True, seed=1, rank=0, world_size=2)
+    b = batching.EpochBatchSampler(10, 3, shuffle=True, seed=1, rank=1, world_size=2)
     a.set_epoch(5)
     b.set_epoch(5)
     assert sorted(a.indices() + b.indices()) == list(range(10))
-    again = utils.EpochBatchSampler(10, 3, shuffle=True, seed=1, rank=0, world_size=2)
+    again = batching.EpochBatchSampler(10, 3, shuffle=True, seed=1, rank=0, world_size=2)
     again.set_epoch(5)
     assert list(again) == list(a)
-    valid = [utils.EpochBatchSampler(7, 2, shuffle=False, rank=r, world_size=3).indices() for r in range(3)]
+    valid = [batching.EpochBatchSampler(7, 2, shuffle=False, rank=r, world_size=3).indices() for r in range(3)]
     assert sorted(sum(valid, [])) == list(range(7))
 
 
@@ -416,11 +418,11 @@ def fetched_by_workers(log) -> list[str]:
 
 def test_epoch_stream_gives_each_epoch_in_order_and_decodes_the_next_one_ahead(tmp_path):
     log = tmp_path / "fetched.txt"
-    sampler = utils.EpochBatchSampler(8, 3, shuffle=True, seed=2, drop_last=True)
+    sampler = batching.EpochBatchSampler(8, 3, shuffle=True, seed=2, drop_last=True)
     sampler.set_epoch(1)  # a run resumed after its first epoch
-    loader, _ = utils.make_loader(FetchLog(8, log), utils.RunBatchSampler(sampler, 4), workers=1, device=torch.device("cpu"))
+    loader = batching.make_loader(FetchLog(8, log), batching.RunBatchSampler(sampler, 4), workers=1, device=torch.device("cpu"))
     assert len(loader) == 3 * 2  # epochs 1 to 3, 2 batches each
-    stream = utils.EpochStream(loader, len(sampler))
+    stream = batching.EpochStream(loader, len(sampler))
     first = [batch[0].tolist() for batch in stream]
     assert len(first) == len(stream) == 2
     next_epoch_fetched = wait_for(lambda: len(fetched_by_workers(log)) > 6)  # 2 batches of 3 taken
@@ -428,102 +430,22 @@ def test_epoch_stream_gives_each_epoch_in_order_and_decodes_the_next_one_ahead(t
     later = [[batch[0].tolist() for batch in stream] for _ in range(3)]
     assert later[2] == []  # the run ends after epoch 3 (0-based)
     for epoch, batches in zip((1, 2, 3), [first, *later[:2]]):
-        expected = utils.EpochBatchSampler(8, 3, shuffle=True, seed=2, drop_last=True)
+        expected = batching.EpochBatchSampler(8, 3, shuffle=True, seed=2, drop_last=True)
         expected.set_epoch(epoch)
         assert batches == list(expected)
 
 
-def test_slot_loader_gives_a_dataloaders_batches_and_keeps_each_until_the_batch_after_next(demo_root):
-    from torch.utils.data import DataLoader
-
+def test_make_loader_pins_batches_for_a_gpu_only(demo_root):
     from dataloader import Preprocess, RetinopathyLoader
 
-    train_set = RetinopathyLoader(demo_root, "train", preprocess=Preprocess(crop=48), output="uint8")
-    sampler = utils.EpochBatchSampler(len(train_set), 5, shuffle=True, seed=3)  # 48 cells: 9 batches of 5, one of 3
-    loader = utils.SlotLoader(train_set, sampler, workers=2, prefetch=1)  # 4 slots: each comes round every 4th batch
-    assert loader.slots == 4
-    for epoch in range(2):  # the workers and the slots last from one pass to the next
-        sampler.set_epoch(epoch)
-        expected = list(DataLoader(utils.IndexedDataset(train_set), batch_sampler=sampler))
-        taken = []
-        for batch in loader:
-            taken.append(batch)
-            for k in range(max(0, len(taken) - 2), len(taken)):  # this batch and the one before are intact
-                torch.testing.assert_close(taken[k][1], expected[k][1], rtol=0, atol=0)
-        assert len(taken) == len(loader) == 10
-        for (index, _, labels), (want_index, _, want_labels) in zip(taken, expected):
-            assert torch.equal(index, want_index) and torch.equal(labels, want_labels)
-
-    test_set = RetinopathyLoader(demo_root, "test", preprocess=Preprocess(crop=48), output="uint8", model="resnet18")
-    test_loader = utils.SlotLoader(test_set, utils.EpochBatchSampler(len(test_set), 4, shuffle=False), workers=1)
-    assert test_loader.slots == 3  # one pass of 3 batches: a slot each, not workers * prefetch + 2 = 4
-    batches = list(test_loader)
-    assert [len(b) for b in batches] == [2, 2, 2] and torch.equal(torch.cat([b[0] for b in batches]), torch.arange(12))
-    torch.testing.assert_close(batches[-1][1], torch.stack([test_set[i] for i in range(8, 12)]), rtol=0, atol=0)
-
-
-def test_make_loader_leaves_the_transform_to_a_gpu_and_gives_it_to_a_cpus_workers(demo_root):
-    from torch.utils.data import DataLoader
-
-    from dataloader import Augment, BatchTransform, Preprocess, RetinopathyLoader
-
-    preprocess = Preprocess(crop=48)
-    cells = RetinopathyLoader(demo_root, "valid", preprocess=preprocess, output="uint8")
-    sampler, transform = utils.EpochBatchSampler(len(cells), 4, shuffle=False), BatchTransform(preprocess, Augment())
-    loader, left = utils.make_loader(cells, sampler, 2, torch.device("cuda"), transform)  # built, not iterated: no GPU needed
-    assert isinstance(loader, DataLoader) and loader.pin_memory and left is transform
-    loader, left = utils.make_loader(cells, sampler, 2, torch.device("cpu"), transform)
-    assert isinstance(loader, utils.SlotLoader) and loader.images.dtype == torch.float32 and left is None
-    loader, left = utils.make_loader(cells, sampler, 0, torch.device("cpu"), transform)  # no workers: the loop transforms
-    assert isinstance(loader, DataLoader) and not loader.pin_memory and left is transform
-
-
-def test_slot_loader_workers_transform_batches_as_the_device_would_with_the_same_seeds(demo_root):
-    from torch.utils.data import DataLoader
-
-    from dataloader import Augment, BatchTransform, Preprocess, RetinopathyLoader
-
-    preprocess = Preprocess(crop=48)
-    train_set = RetinopathyLoader(demo_root, "train", preprocess=preprocess, output="uint8")
-    transform = BatchTransform(preprocess, Augment())
-    sampler = utils.EpochBatchSampler(len(train_set), 5, shuffle=True, seed=3, drop_last=True)  # 9 batches an epoch
-
-    def seeds(epoch, step):
-        return 1000 * epoch + step
-
-    expected = []
-    for epoch in (1, 2):  # each batch decoded and transformed here, its draws seeded alike
-        sampler.set_epoch(epoch)
-        for step, (index, x, y) in enumerate(DataLoader(utils.IndexedDataset(train_set), batch_sampler=sampler)):
-            expected.append((index, transform(x, torch.Generator().manual_seed(seeds(epoch, step))), y))
-            if epoch == step == 1:  # the seed matters: another one draws other flips, rotations and gains
-                assert not torch.allclose(expected[-1][1], transform(x, torch.Generator().manual_seed(seeds(epoch, step) + 1)))
-
-    sampler.set_epoch(1)  # a run resumed after its first epoch, to end after its third
-    loader, left = utils.make_loader(train_set, utils.RunBatchSampler(sampler, 3), 2, torch.device("cpu"), transform, seeds)
-    assert isinstance(loader, utils.SlotLoader) and left is None
-    taken = 0
-    for (index, x, y), (want_index, want_x, want_y) in zip(loader, expected, strict=True):
-        assert x.shape == (5, 3, 48, 48) and x.dtype == torch.float32
-        assert torch.equal(index, want_index) and torch.equal(y, want_y)
-        torch.testing.assert_close(x, want_x, rtol=0, atol=1e-6)
-        taken += 1
-    assert taken == 2 * 9
-
-
-def test_slot_loader_names_an_image_of_another_size(demo_root, tmp_path):
-    import re
-    import shutil
-
-    from PIL import Image
-
-    from dataloader import DataError, RetinopathyLoader
-
-    root = shutil.copytree(demo_root, tmp_path / "demo")
-    cells = RetinopathyLoader(str(root), "valid", output="uint8")  # no crop: each image at its own size
-    Image.new("RGB", (40, 64)).save(cells.img_name[5], format="BMP")
-    with pytest.raises(DataError, match=re.escape(f"{cells.img_name[5]} decodes to (64, 40, 3), the first image to (64, 64, 3)")):
-        list(utils.SlotLoader(cells, utils.EpochBatchSampler(len(cells), 4, shuffle=False), workers=1))
+    cells = RetinopathyLoader(demo_root, "valid", preprocess=Preprocess(crop=48), output="uint8")
+    sampler = batching.EpochBatchSampler(len(cells), 4, shuffle=False)
+    assert batching.make_loader(cells, sampler, 2, torch.device("cuda")).pin_memory  # built, not iterated: no GPU needed
+    loader = batching.make_loader(cells, sampler, 2, torch.device("cpu"))
+    assert not loader.pin_memory and loader.persistent_workers
+    batches = list(loader)
+    assert torch.equal(torch.cat([b[0] for b in batches]), torch.arange(len(cells)))
+    torch.testing.assert_close(batches[0][1], torch.stack([cells[i][0] for i in range(4)]), rtol=0, atol=0)
 
 
 def test_the_valid_set_is_decoded_while_the_epoch_trains(demo_root, tmp_path, monkeypatch):
@@ -537,7 +459,7 @@ def test_the_valid_set_is_decoded_while_the_epoch_trains(demo_root, tmp_path, mo
             f.write(f"{os.getpid()} {path}\n")
         return decode(path, crop, size)
 
-    def valid_decoded():  # by the valid loader's workers: the loaders decode one image here, for its shape
+    def valid_decoded():  # by the valid loader's workers
         return bool(valid_paths & set(fetched_by_workers(log)))
 
     during_training = []
@@ -556,7 +478,7 @@ def test_the_valid_set_is_decoded_while_the_epoch_trains(demo_root, tmp_path, mo
 FREED_MEMORY_PROBE = """
 import resource, sys, torch
 sys.path.insert(0, {root!r})
-import utils
+import devices
 
 def faults_per_64_mb_block(cycles=16, counted=4):
     for i in range(cycles):  # the heap may take a few blocks to settle
@@ -566,9 +488,9 @@ def faults_per_64_mb_block(cycles=16, counted=4):
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // counted
 
 print(faults_per_64_mb_block())
-utils.keep_freed_memory(torch.device("meta"))  # any device but the CPU: nothing changes
+devices.keep_freed_memory(torch.device("meta"))  # any device but the CPU: nothing changes
 print(faults_per_64_mb_block())
-utils.keep_freed_memory(torch.device("cpu"))
+devices.keep_freed_memory(torch.device("cpu"))
 print(faults_per_64_mb_block())
 """
 
@@ -625,9 +547,9 @@ def test_ema_tracks_weights_and_batchnorm_statistics():
 
 def test_mixed_precision_choice():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert utils.amp_dtype(cpu, "auto") is None and utils.amp_dtype(cpu, "bf16") is None
-    assert utils.amp_dtype(cuda, "off") is None and utils.amp_dtype(cuda, "fp16") is torch.float16
-    assert utils.amp_dtype(torch.device("mps"), "auto") is None
+    assert devices.amp_dtype(cpu, "auto") is None and devices.amp_dtype(cpu, "bf16") is None
+    assert devices.amp_dtype(cuda, "off") is None and devices.amp_dtype(cuda, "fp16") is torch.float16
+    assert devices.amp_dtype(torch.device("mps"), "auto") is None
 
 
 def test_compile_is_on_by_default_only_where_triton_serves_the_gpu(monkeypatch):
@@ -654,7 +576,7 @@ def test_compile_is_on_by_default_only_where_triton_serves_the_gpu(monkeypatch):
 
 def test_a_compiled_run_can_be_resumed_without_compiling(tmp_path):
     saved = vars(train.parse_args(["--compile", "--epochs", "3"]))
-    checkpoint = {k: None for k in utils.CHECKPOINT_KEYS + train.RESUME_KEYS} | {"model_name": "resnet18", "args": saved}
+    checkpoint = {k: None for k in checkpoints.CHECKPOINT_KEYS + train.RESUME_KEYS} | {"model_name": "resnet18", "args": saved}
     torch.save(checkpoint, tmp_path / "last.pt")
     assert train.parse_args(["--resume", str(tmp_path / "last.pt")]).compile is True
     assert train.parse_args(["--resume", str(tmp_path / "last.pt"), "--no-compile"]).compile is False

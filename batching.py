@@ -1,0 +1,144 @@
+"""Batches of uint8 images: which indices each epoch and process takes, the loader that decodes them, and a decoded cache."""
+from __future__ import annotations
+
+import itertools
+import signal
+from typing import Iterable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dataloader import to_device
+
+class EpochBatchSampler(Sampler):
+    """Index batches for one epoch and one process: the order depends on (seed, epoch) only.
+
+    With shuffle, every epoch is a fresh permutation seeded by seed + epoch, padded to a multiple of
+    world_size and dealt out to the ranks (as DistributedSampler does). Without shuffle, the ranks take
+    indices rank, rank + world_size, ... with no padding, so evaluation sees every item exactly once.
+    """
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False):
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.rank, self.world_size, self.drop_last, self.epoch = rank, world_size, drop_last, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def indices(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.rank, self.n, self.world_size))
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        order += order[: (-len(order)) % self.world_size]
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        idx = self.indices()
+        stop = len(idx) - len(idx) % self.batch_size if self.drop_last and len(idx) >= self.batch_size else len(idx)
+        for i in range(0, stop, self.batch_size):
+            yield idx[i : i + self.batch_size]
+
+    def numbered(self) -> Iterator[tuple[int, int, list[int]]]:
+        """(epoch, step, indices) of each batch of the current epoch."""
+        for step, indices in enumerate(self):
+            yield self.epoch, step, indices
+
+    def __len__(self) -> int:
+        n = len(self.indices())
+        return n // self.batch_size if self.drop_last and n >= self.batch_size else -(-n // self.batch_size)
+
+
+class RunBatchSampler(Sampler):
+    """An EpochBatchSampler's batches of every epoch of a run, one epoch after the other: from its current epoch
+    (set_epoch: where a resumed run goes on) to epochs - 1."""
+
+    def __init__(self, sampler: EpochBatchSampler, epochs: int):
+        self.sampler, self.epochs, self.batch_size = sampler, epochs, sampler.batch_size
+
+    def __len__(self) -> int:
+        return (self.epochs - self.sampler.epoch) * len(self.sampler)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _, _, indices in self.numbered():
+            yield indices
+
+    def numbered(self) -> Iterator[tuple[int, int, list[int]]]:
+        """(epoch, step, indices) of each batch of the run."""
+        for epoch in range(self.sampler.epoch, self.epochs):
+            self.sampler.set_epoch(epoch)
+            yield from self.sampler.numbered()
+
+
+class EpochStream:
+    """A run's batches from one iterator, an epoch at a time: each `for batch in stream` takes the next epoch.
+
+    A DataLoader iterated anew every epoch leaves its workers idle between epochs, and the GPU then waits while a
+    worker decodes the first batch. Iterated once, the workers decode the next epoch's first batches while this
+    one ends and the model is validated.
+    """
+
+    def __init__(self, batches: Iterable, steps: int):
+        self.batches, self.steps, self.stream = batches, steps, None
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator:
+        if self.stream is None:
+            self.stream = iter(self.batches)
+        return itertools.islice(self.stream, self.steps)
+
+
+class IndexedDataset(Dataset):
+    """Wraps a dataset so each item also carries its index (for gathering predictions across processes)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        item = self.dataset[i]
+        return (i, *item) if isinstance(item, tuple) else (i, item)
+
+
+def ignore_ctrl_c(worker_id: int) -> None:
+    """Ctrl-C reaches the whole process group: workers leave it to the main process, which stops cleanly
+    after the current step. (SIGTERM still ends a worker: multiprocessing stops its children with it.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def make_loader(dataset: Dataset, sampler: Sampler, workers: int, device: torch.device) -> DataLoader:
+    """Batches of (index, images[, labels]) decoded by `workers` processes that live as long as the loader, pinned for a
+    GPU so that they cross without making the host wait. The training or scoring loop transforms each batch."""
+    return DataLoader(IndexedDataset(dataset), batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
+                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None, worker_init_fn=ignore_ctrl_c)
+
+
+class CachedBatches:
+    """Every decoded uint8 image of a dataset held in one tensor, in RAM or on the GPU.
+
+    Built once by a pass of a multi-worker loader; after that an epoch decodes nothing. Batches taken from RAM
+    for a GPU are pinned, so that they cross without making the host wait.
+    """
+
+    def __init__(self, dataset: Dataset, sampler: Sampler, workers: int, device: torch.device, pin_memory: bool):
+        self.sampler, self.pin = sampler, pin_memory and device.type == "cpu"
+        reader = DataLoader(IndexedDataset(dataset), batch_size=64, num_workers=workers, worker_init_fn=ignore_ctrl_c)
+        images, labels = None, torch.zeros(len(dataset), dtype=torch.long)
+        for batch in reader:
+            index, x = batch[0], batch[1]
+            if images is None:
+                images = torch.empty((len(dataset), *x.shape[1:]), dtype=torch.uint8, device=device)
+            images[index.to(images.device)] = x.to(images.device)
+            if len(batch) > 2:
+                labels[index] = batch[2]
+        self.images, self.labels = images, labels.to(device)
+
+    def __iter__(self):
+        for batch in self.sampler:
+            index = torch.tensor(batch)
+            on_device = to_device(index, self.images.device)
+            x = self.images[on_device]
+            yield index, x.pin_memory() if self.pin else x, self.labels[on_device]

@@ -1,0 +1,42 @@
+"""What every script's command line shares: flag types, optional packages, and errors that end a script with a message."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from typing import Callable
+
+from checkpoints import CheckpointError
+from files import DataError
+
+def run_main(main: Callable[[argparse.Namespace], int], parse_args: Callable[[], argparse.Namespace]) -> None:
+    """sys.exit(main(parse_args())); a problem with the data, a checkpoint or a file, met while running or while
+    reading the flags (train.py's --resume reads the checkpoint), ends the script with its message, no traceback."""
+    try:
+        code = main(parse_args())
+    except (DataError, CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 1
+    sys.exit(code)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a batch size, a count of epochs)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a whole number of at least 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: a whole number of at least 0 (--workers, where 0 loads the data in the main process)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a whole number of at least 0")
+    return value
+
+
+def require(module: str, pip_spec: str, flag: str) -> None:
+    """Stop before any work when an optional feature's package is missing, with the line that installs it."""
+    if importlib.util.find_spec(module) is None:
+        raise SystemExit(f"error: {flag} needs the {module} package, which is not installed: pip install {pip_spec}")
