@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dataloader import to_device
 
+
 class EpochBatchSampler(Sampler):
     """Index batches for one epoch and one process: the order depends on (seed, epoch) only.
 

@@ -34,13 +34,13 @@ import torchvision
 from PIL import Image
 from torchvision import transforms
 
-import train
 from batching import EpochBatchSampler, make_loader
 from cli import non_negative_int, positive_int
+from dataloader import Augment, BatchTransform, Preprocess, RetinopathyLoader, getData
 from devices import DEVICES, amp_dtype, autocast, device_name, keep_freed_memory, resolve_device
 from files import atomic_write
-from dataloader import Augment, BatchTransform, Preprocess, RetinopathyLoader, getData
 from resnet import build_model
+import train
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s.
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "RTX 4090": 165.0, "V100": 125.0}

@@ -9,6 +9,7 @@ from typing import Callable
 from checkpoints import CheckpointError
 from files import DataError
 
+
 def run_main(main: Callable[[argparse.Namespace], int], parse_args: Callable[[], argparse.Namespace]) -> None:
     """sys.exit(main(parse_args())); a problem with the data, a checkpoint or a file, met while running or while
     reading the flags (train.py's --resume reads the checkpoint), ends the script with its message, no traceback."""

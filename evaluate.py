@@ -27,10 +27,10 @@ from sklearn import metrics as skm  # noqa: E402
 
 from checkpoints import checkpoint_data_root, find_runs, load_checkpoint, model_from_checkpoint, run_name_of  # noqa: E402
 from cli import non_negative_int, positive_int, require, run_main  # noqa: E402
+from dataloader import BatchTransform, RetinopathyLoader, decode_image  # noqa: E402
 from devices import DEVICES, WORKERS, keep_freed_memory, resolve_device  # noqa: E402
 from files import CLASSES, atomic_write, read_csv, save_figure, write_csv_atomic  # noqa: E402
 from inference import adapt_to_dataset, dataset_logits  # noqa: E402
-from dataloader import BatchTransform, RetinopathyLoader, decode_image  # noqa: E402
 from resnet import MODELS  # noqa: E402
 
 

@@ -16,10 +16,10 @@ import torch
 
 from checkpoints import CheckpointError, checkpoint_data_root, find_runs, load_checkpoint, model_from_checkpoint, run_name_of
 from cli import non_negative_int, positive_int, run_main
+from dataloader import RetinopathyLoader, find_test_csv
 from devices import DEVICES, WORKERS, keep_freed_memory, resolve_device
 from files import TEST_CSVS, read_csv, write_csv_atomic
 from inference import adapt_to_dataset, dataset_logits
-from dataloader import RetinopathyLoader, find_test_csv
 
 
 def get_args_parser() -> argparse.ArgumentParser:

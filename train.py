@@ -32,10 +32,10 @@ from tqdm import tqdm
 from batching import CachedBatches, EpochBatchSampler, EpochStream, RunBatchSampler, make_loader
 from checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from cli import non_negative_int, positive_int, require, run_main
+from dataloader import COLOR_NORMS, Augment, BatchTransform, Preprocess, RetinopathyLoader
 from devices import DEVICES, WORKERS, amp_dtype, autocast, device_name, keep_freed_memory, resolve_device
 from files import DiskFullError, atomic_write, check_both_classes, free_space, megabytes, write_csv_atomic
 from inference import predict_logits
-from dataloader import COLOR_NORMS, Augment, BatchTransform, Preprocess, RetinopathyLoader
 from resnet import MODELS, build_model
 
 # The recipes. "default" is this project's (README: "Why the default recipe"); "seed" is the report's.
