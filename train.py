@@ -529,10 +529,9 @@ def check_run_dir_is_free(args: argparse.Namespace) -> None:
 
 def should_compile(args: argparse.Namespace, device: torch.device) -> bool:
     """--compile or --no-compile as given; unset, on where it pays off: a CUDA GPU that Triton can write kernels for
-    (Triton installed, which it is not on Windows; compute capability 7.0, Volta, or newer). There it fuses the
-    elementwise work between the convolutions: a ResNet50 epoch ran 1.4x as fast on an H200 (BENCHMARKS.md), for
-    a minute or two of compiling in the first epoch. Asked for on a GPU it cannot serve, such as the P100 of some free
-    notebooks, it stops here with the reason instead of deep in the compiler at the first step."""
+    (Triton installed, which it is not on Windows; compute capability 7.0, Volta, or newer), where it fuses the
+    elementwise work between the convolutions (BENCHMARKS.md). Asked for on a GPU it cannot serve, it stops here with
+    the reason instead of deep in the compiler at the first step."""
     if device.type != "cuda":
         return bool(args.compile)
     capability = torch.cuda.get_device_capability(device)
@@ -550,7 +549,7 @@ def should_compile(args: argparse.Namespace, device: torch.device) -> bool:
 
 def compile_for_training(model: torch.nn.Module) -> torch.nn.Module:
     """torch.compile with static shapes: every step's batch has the same shape (drop_last). Left to guess, the
-    compiler may re-specialise for dynamic shapes, which stalled for minutes on an H200."""
+    compiler may re-specialise for dynamic shapes, which can stall it for minutes."""
     return torch.compile(model, dynamic=False)
 
 
