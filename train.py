@@ -694,7 +694,7 @@ def main(args: argparse.Namespace) -> int:
                         "no epoch was saved")
                 log(f"error: {e}.\nStopped: {kept}. Free some space, then continue with\n"
                     f"  python train.py --run-name {args.run_name} --output-dir {args.output_dir} --resume\n"
-                    f"or continue on another disk with --resume {os.path.join(out, 'last.pt')} --output-dir OTHER_DISK/checkpoints",
+                    f"or on another disk with\n  python train.py --resume {os.path.join(out, 'last.pt')} --output-dir OTHER_DISK/checkpoints",
                     file=sys.stderr)
                 return 1
             saved_epoch = epoch + 1
