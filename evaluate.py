@@ -26,9 +26,9 @@ import torch  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
 from checkpoints import checkpoint_data_root, find_runs, load_checkpoint, model_from_checkpoint, run_name_of  # noqa: E402
-from cli import non_negative_int, positive_int, require, run_main  # noqa: E402
+from cli import add_scoring_flags, non_negative_int, require, run_main  # noqa: E402
 from dataloader import BatchTransform, RetinopathyLoader, decode_image  # noqa: E402
-from devices import DEVICES, WORKERS, keep_freed_memory, resolve_device  # noqa: E402
+from devices import keep_freed_memory, resolve_device  # noqa: E402
 from files import CLASSES, atomic_write, read_csv, save_figure, write_csv_atomic  # noqa: E402
 from inference import adapt_to_dataset, dataset_logits  # noqa: E402
 from resnet import MODELS  # noqa: E402
@@ -44,15 +44,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-root", help="dataset folder (default: the one each run was trained on)")
     parser.add_argument("--out-dir", default="results", help="results go to OUT_DIR/<run-name>/ (default: results)")
     parser.add_argument("--tta", action="store_true", help="average the predictions over the four flips of each image")
-    parser.add_argument("--adapt-bn", action="store_true",
-                        help="first re-estimate the BatchNorm statistics on the images being scored (AdaBN; no labels used, "
-                             "the checkpoint is not changed): for new patients, another microscope or stain")
     parser.add_argument("--cam", action="store_true",
                         help="also draw Grad-CAM heat maps (captum) of the worst errors and of confidently right cells of each class "
                              "in cam.png: where the network looked")
-    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (default: 64)")
-    parser.add_argument("--workers", type=non_negative_int, default=WORKERS, help="data-loading processes (default: min(8, cores))")
-    parser.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default: auto)")
+    add_scoring_flags(parser)
     parser.add_argument("--gallery", type=non_negative_int, default=16, help="most confidently wrong cells to show (default: 16)")
     return parser
 

@@ -15,9 +15,9 @@ import os
 import torch
 
 from checkpoints import CheckpointError, checkpoint_data_root, find_runs, load_checkpoint, model_from_checkpoint, run_name_of
-from cli import non_negative_int, positive_int, run_main
+from cli import add_scoring_flags, run_main
 from dataloader import RetinopathyLoader, find_test_csv
-from devices import DEVICES, WORKERS, keep_freed_memory, resolve_device
+from devices import keep_freed_memory, resolve_device
 from files import TEST_CSVS, read_csv, write_csv_atomic
 from inference import adapt_to_dataset, dataset_logits
 
@@ -32,12 +32,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", help="submission file (default: submissions/<run-name>.csv)")
     parser.add_argument("--probs", help="also write ID,prob_ALL to this file; the submission stays exact")
     parser.add_argument("--tta", action="store_true", help="average over the four flips of each image (see README for what it gains)")
-    parser.add_argument("--adapt-bn", action="store_true",
-                        help="first re-estimate the BatchNorm statistics on the images being scored (AdaBN; no labels used, "
-                             "the checkpoint is not changed): for new patients, another microscope or stain")
-    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (default: 64)")
-    parser.add_argument("--workers", type=non_negative_int, default=WORKERS, help="data-loading processes (default: min(8, cores))")
-    parser.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default: auto)")
+    add_scoring_flags(parser)
     return parser
 
 
