@@ -40,7 +40,7 @@ def test_pipelines_with_pinning_also_measure_the_cpu_share_unpinned(demo_root):
 
 
 def test_cuda_section_runs_and_its_figures_add_up(demo_root, tmp_path):
-    """The part that runs only on CUDA, driven on the CPU (compile left out) so that a GPU session's one run cannot fail on it."""
+    """The part that runs only on CUDA, driven on the CPU (compile left out) so that it cannot first fail on a GPU."""
     import argparse
 
     import torch
