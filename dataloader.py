@@ -67,7 +67,7 @@ class Preprocess:
 
 
 COLOR_NORMS = ("dataset", "cell")
-CELL_COLOR = (71.0, 31.0, 81.0)  # the mean RGB of a cell's pixels over the C-NMC release
+CELL_COLOR = (71.0, 31.0, 81.0)  # the mean RGB of the cell pixels of 600 cells of the C-NMC release
 BACKGROUND = 20  # a pixel no brighter than this in every channel is the slide's black background
 
 

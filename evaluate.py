@@ -27,7 +27,7 @@ from sklearn import metrics as skm  # noqa: E402
 
 from checkpoints import checkpoint_data_root, find_runs, load_checkpoint, model_from_checkpoint, run_name_of  # noqa: E402
 from cli import add_scoring_flags, non_negative_int, require, run_main  # noqa: E402
-from dataloader import BatchTransform, RetinopathyLoader, decode_image  # noqa: E402
+from dataloader import BatchTransform, Preprocess, RetinopathyLoader, decode_image  # noqa: E402
 from devices import keep_freed_memory, resolve_device  # noqa: E402
 from files import CLASSES, atomic_write, read_csv, save_figure, write_csv_atomic  # noqa: E402
 from inference import adapt_to_dataset, dataset_logits  # noqa: E402
@@ -158,7 +158,7 @@ def pick_cells(labels: np.ndarray, prob_all: np.ndarray, errors: int, right: int
     return picked
 
 
-def plot_cams(model, preprocess, paths: list[str], labels: np.ndarray, prob_all: np.ndarray, device: torch.device, title: str,
+def plot_cams(model: torch.nn.Module, preprocess: Preprocess, paths: list[str], labels: np.ndarray, prob_all: np.ndarray, device: torch.device, title: str,
               path: str, errors: int = 8, right: int = 2) -> None:
     """Grad-CAM of the predicted class at the last convolutional stage, over each cell as the network saw it
     (after crop and resize)."""

@@ -23,7 +23,9 @@ import random
 import signal
 import sys
 import time
+from typing import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from sklearn.metrics import confusion_matrix, f1_score
@@ -461,7 +463,7 @@ def best_checkpoint(checkpoint: dict) -> dict:
     return {"model": checkpoint["ema"] or checkpoint["model"], **{k: checkpoint[k] for k in kept}}
 
 
-def checkpoint_sizes(model: torch.nn.Module, ema, args: argparse.Namespace) -> tuple[int, int]:
+def checkpoint_sizes(model: torch.nn.Module, ema: EMA | None, args: argparse.Namespace) -> tuple[int, int]:
     """About how many bytes last.pt and best.pt take: the weights and buffers (twice with an EMA), the optimizer's
     state per parameter (SGD with momentum one buffer, Adam two), and 1 MB for the rest."""
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -470,7 +472,7 @@ def checkpoint_sizes(model: torch.nn.Module, ema, args: argparse.Namespace) -> t
     return weights * (2 if ema is not None else 1) + parameters * slots + 2**20, weights + 2**20
 
 
-def check_free_space(out: str, sizes: tuple[int, int], log) -> None:
+def check_free_space(out: str, sizes: tuple[int, int], log: Callable[[str], None]) -> None:
     """Stop before the first epoch when the run folder's disk cannot hold last.pt and best.pt (those already there
     count as held); warn when it cannot also hold the copy of last.pt that replaces it after the next epoch."""
     last, best = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
@@ -499,7 +501,7 @@ def open_tensorboard(out: str, start_epoch: int):
     return SummaryWriter(os.path.join(out, "tensorboard"), purge_step=start_epoch + 1)
 
 
-def log_to_tensorboard(writer, row: dict, confusion, run_name: str) -> None:
+def log_to_tensorboard(writer, row: dict, confusion: np.ndarray | None, run_name: str) -> None:
     """One epoch's history row; the valid confusion matrix too when given (best.pt changed)."""
     for key in ("lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "valid_f1", "images_per_s"):
         writer.add_scalar(key.replace("train_", "train/").replace("valid_", "valid/"), row[key], row["epoch"])
