@@ -39,11 +39,6 @@ class EpochBatchSampler(Sampler):
         for i in range(0, stop, self.batch_size):
             yield idx[i : i + self.batch_size]
 
-    def numbered(self) -> Iterator[tuple[int, int, list[int]]]:
-        """(epoch, step, indices) of each batch of the current epoch."""
-        for step, indices in enumerate(self):
-            yield self.epoch, step, indices
-
     def __len__(self) -> int:
         n = len(self.indices())
         return n // self.batch_size if self.drop_last and n >= self.batch_size else -(-n // self.batch_size)
@@ -60,14 +55,9 @@ class RunBatchSampler(Sampler):
         return (self.epochs - self.sampler.epoch) * len(self.sampler)
 
     def __iter__(self) -> Iterator[list[int]]:
-        for _, _, indices in self.numbered():
-            yield indices
-
-    def numbered(self) -> Iterator[tuple[int, int, list[int]]]:
-        """(epoch, step, indices) of each batch of the run."""
         for epoch in range(self.sampler.epoch, self.epochs):
             self.sampler.set_epoch(epoch)
-            yield from self.sampler.numbered()
+            yield from self.sampler
 
 
 class EpochStream:

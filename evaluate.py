@@ -114,11 +114,26 @@ def plot_roc(labels: np.ndarray, prob_all: np.ndarray, title: str, path: str) ->
     plt.close(fig)
 
 
+def pick_cells(labels: np.ndarray, prob_all: np.ndarray, errors: int, right: int) -> list[int]:
+    """The most confidently wrong cells, then the most confidently right of each class."""
+    pred = (prob_all >= 0.5).astype(int)
+    confidence = np.abs(prob_all - 0.5)
+    wrong = np.flatnonzero(pred != labels)
+    picked = wrong[np.argsort(-confidence[wrong])][:errors].tolist()
+    for c in (0, 1):
+        good = np.flatnonzero((pred == labels) & (labels == c))
+        picked += good[np.argsort(-confidence[good])][:right].tolist()
+    return picked
+
+
+def cell_title(path: str, label: int, prob_all: float) -> str:
+    """A gallery panel's title: the file, the true and predicted class, P(ALL)."""
+    return f"{os.path.basename(path)}\ntrue {CLASSES[label]}, pred {CLASSES[int(prob_all >= 0.5)]}\nP(ALL) {prob_all:.3f}"
+
+
 def plot_worst_errors(paths: list[str], labels: np.ndarray, prob_all: np.ndarray, crop: int | None, title: str, path: str, k: int) -> int:
     """A gallery of the k most confidently wrong cells; returns how many it shows."""
-    pred = (prob_all >= 0.5).astype(int)
-    wrong = np.flatnonzero(pred != labels)
-    wrong = wrong[np.argsort(-np.abs(prob_all[wrong] - 0.5))][:k]
+    wrong = pick_cells(labels, prob_all, errors=k, right=0)
     cols = max(1, min(4, len(wrong)))
     rows = max(1, -(-len(wrong) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.8 * rows), squeeze=False)
@@ -126,7 +141,7 @@ def plot_worst_errors(paths: list[str], labels: np.ndarray, prob_all: np.ndarray
         ax.axis("off")
     for ax, i in zip(axes.flat, wrong):
         ax.imshow(decode_image(paths[i], crop, None).numpy())
-        ax.set_title(f"{os.path.basename(paths[i])}\ntrue {CLASSES[labels[i]]}, pred {CLASSES[pred[i]]}\nP(ALL) {prob_all[i]:.3f}", fontsize=9)
+        ax.set_title(cell_title(paths[i], labels[i], prob_all[i]), fontsize=9)
     if len(wrong) == 0:
         axes[0, 0].text(0.5, 0.5, "no errors", ha="center", va="center", fontsize=14)
     fig.suptitle(title)
@@ -146,27 +161,15 @@ def grad_cam(model: torch.nn.Module, layer: torch.nn.Module, x: torch.Tensor, ta
     return cam / cam.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
 
 
-def pick_cells(labels: np.ndarray, prob_all: np.ndarray, errors: int, right: int) -> list[int]:
-    """The most confidently wrong cells, then the most confidently right of each class."""
-    pred = (prob_all >= 0.5).astype(int)
-    confidence = np.abs(prob_all - 0.5)
-    wrong = np.flatnonzero(pred != labels)
-    picked = wrong[np.argsort(-confidence[wrong])][:errors].tolist()
-    for c in (0, 1):
-        good = np.flatnonzero((pred == labels) & (labels == c))
-        picked += good[np.argsort(-confidence[good])][:right].tolist()
-    return picked
-
-
-def plot_cams(model: torch.nn.Module, preprocess: Preprocess, paths: list[str], labels: np.ndarray, prob_all: np.ndarray, device: torch.device, title: str,
-              path: str, errors: int = 8, right: int = 2) -> None:
+def plot_cams(model: torch.nn.Module, preprocess: Preprocess, paths: list[str], labels: np.ndarray, prob_all: np.ndarray,
+              device: torch.device, title: str, path: str, errors: int = 8, right: int = 2) -> None:
     """Grad-CAM of the predicted class at the last convolutional stage, over each cell as the network saw it
     (after crop and resize)."""
     cells = pick_cells(labels, prob_all, errors, right)
     images = torch.stack([decode_image(paths[i], preprocess.crop, preprocess.size) for i in cells])
     x = BatchTransform(preprocess)(images.to(device))
     pred = torch.as_tensor((prob_all[cells] >= 0.5).astype(int), device=device)
-    cams = grad_cam(model.float().eval(), model.layer4, x, pred).cpu().numpy()
+    cams = grad_cam(model, model.layer4, x, pred).cpu().numpy()
     cols = 4
     rows = max(1, -(-len(cells) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.6 * rows), squeeze=False)
@@ -175,8 +178,8 @@ def plot_cams(model: torch.nn.Module, preprocess: Preprocess, paths: list[str], 
     for ax, i, image, cam in zip(axes.flat, cells, images.numpy(), cams):
         ax.imshow(image)
         ax.imshow(cam, cmap="jet", alpha=0.4, vmin=0, vmax=1)
-        ax.set_title(f"{os.path.basename(paths[i])}\ntrue {CLASSES[labels[i]]}, pred {CLASSES[int(prob_all[i] >= 0.5)]}\n"
-                     f"P(ALL) {prob_all[i]:.3f}", fontsize=9, color="black" if labels[i] == int(prob_all[i] >= 0.5) else "red")
+        ax.set_title(cell_title(paths[i], labels[i], prob_all[i]), fontsize=9,
+                     color="black" if labels[i] == int(prob_all[i] >= 0.5) else "red")
     fig.suptitle(title)
     fig.tight_layout()
     save_figure(fig, path, dpi=100)

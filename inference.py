@@ -11,6 +11,14 @@ from dataloader import BatchTransform, Preprocess
 from devices import amp_dtype, autocast
 
 
+def network_input(images: torch.Tensor, transform: BatchTransform | None, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """A batch as the network takes it: on the device, transformed (uint8 images; float ones come with transform None),
+    in the memory format of the model."""
+    x = images.to(device, non_blocking=True)
+    x = transform(x) if transform is not None else x
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, batches, transform: BatchTransform | None, device: torch.device,
                    dtype: torch.dtype | None = None, channels_last: bool = False, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -19,9 +27,7 @@ def predict_logits(model: torch.nn.Module, batches, transform: BatchTransform | 
     model.eval()
     all_index, all_logits = [], []
     for batch in batches:
-        index, x = batch[0], batch[1].to(device, non_blocking=True)
-        x = transform(x) if transform is not None else x
-        x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        index, x = batch[0], network_input(batch[1], transform, device, channels_last)
         views = [x, x.flip(3), x.flip(2), x.flip(2).flip(3)] if tta else [x]
         with autocast(device, dtype):
             logits = sum(model(v).float().softmax(1) for v in views) / len(views) if tta else model(x).float()
@@ -59,10 +65,9 @@ def adapt_batchnorm(model: torch.nn.Module, batches, transform: BatchTransform |
     adapted.train()
     try:
         for batch in batches:
-            x = batch[1].to(device, non_blocking=True)
-            x = transform(x) if transform is not None else x
+            x = network_input(batch[1], transform, device, channels_last)
             with autocast(device, dtype):
-                adapted(x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format))
+                adapted(x)
     finally:
         for hook in hooks:
             hook.remove()
