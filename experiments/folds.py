@@ -125,6 +125,10 @@ def table(names: list[str], results_dir: str) -> None:
     """One row per recipe and scoring: fold mean (± half the seed-to-seed range of it), worst fold, each fold, recall."""
     scores = {name: load_scores(name, results_dir) for name in names}
     folds = sorted({f for by_scoring in scores.values() for by_fold in by_scoring.values() for f in by_fold})
+    missing = [name for name in names if not scores[name]]
+    if missing:
+        raise SystemExit(f"error: no scores under {results_dir}/ for {', '.join(missing)}; run them first: "
+                         "python experiments/folds.py NAME -- [train.py flags]")
     print("| recipe | scored | weighted F1: fold mean ± seed spread | worst fold | " + " | ".join(folds) + " | recall hem / ALL |")
     print("|---|---|---|---|" + "---|" * len(folds) + "---|")
     for name in names:
