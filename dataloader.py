@@ -81,12 +81,18 @@ class Augment:
     scale: tuple[float, float] = (0.9, 1.1)  # cell size varies between images and patients
     stain: float = 0.1  # per-image, per-channel gain in [1 - stain, 1 + stain]
     brightness: float = 0.1  # per-image gain in [1 - brightness, 1 + brightness]
+    hed: float = 0.0  # per-image stain jitter in HED space: each stain's amount times [1 - hed, 1 + hed], plus [-hed, hed]
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-NO_AUGMENT = Augment(hflip=False, vflip=False, rotation=0.0, scale=(1.0, 1.0), stain=0.0, brightness=0.0)
+NO_AUGMENT = Augment(hflip=False, vflip=False, rotation=0.0, scale=(1.0, 1.0), stain=0.0, brightness=0.0, hed=0.0)
+
+# Colour deconvolution (Ruifrok and Johnston 2001), scikit-image's rgb2hed: a pixel's optical density -ln(RGB) is
+# RGB_FROM_HED's rows (haematoxylin, eosin, DAB) mixed by the stains' amounts. HED stain augmentation (Tellez et al.
+# 2019) scales and shifts those amounts, in units of optical density, which is how another lab's staining differs.
+RGB_FROM_HED = ((0.65, 0.70, 0.29), (0.07, 0.99, 0.11), (0.27, 0.57, 0.78))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -213,8 +219,8 @@ class BatchTransform:
 
     Flips, rotation and scale are folded into one affine matrix per image and applied by one nearest-neighbour
     grid_sample (the pixels torchvision's RandomRotation picks by default, tested); the border they uncover
-    is black, like the slide background. Stain and brightness gains fold into the normalisation.
-    The random draws come from `generator` (a CPU generator) and do not depend on the device.
+    is black, like the slide background. Stain and brightness gains fold into the normalisation; the HED stain
+    jitter, when on, changes the colours before them. The random draws come from `generator` (a CPU generator) and do not depend on the device.
     """
 
     def __init__(self, preprocess: Preprocess, augment: Augment | None = None):
@@ -238,16 +244,14 @@ class BatchTransform:
             cos, sin = torch.cos(angle), torch.sin(angle)
             matrices = grid_matrix(torch.stack([cos * sx, -sin * sy, sin * sx, cos * sy], 1).view(n, 2, 2), h, w)
         gain = uniform(1 - a.stain, 1 + a.stain, 3) * uniform(1 - a.brightness, 1 + a.brightness, 1)
+        stains = (uniform(1 - a.hed, 1 + a.hed, 3), uniform(-a.hed, a.hed, 3)) if a.hed else None
         std = torch.tensor(self.preprocess.std)
         scale, bias = gain / (255 * std), (-torch.tensor(self.preprocess.mean) / std).view(1, c, 1, 1)
         if matrices is not None:
             matrices = to_device(matrices, x.device)
+        if stains is not None:
+            stains = tuple(to_device(t, x.device) for t in stains)
         scale, bias = to_device(scale, x.device), to_device(bias, x.device)
-        if self.preprocess.color_norm == "cell":
-            scale = scale * cell_color_gain(x)
-        # A row of pixels is w * c numbers: per-channel factors repeated along it let the multiply run over
-        # long contiguous rows instead of triples (several times faster on a CPU).
-        scale_rows = scale.repeat(1, w).view(n, 1, w * c)
         out = torch.empty((n, c, h, w), dtype=torch.float32, device=x.device)
         # A GPU takes the batch at once. A CPU takes two images per thread at a time (grid_sample shares a batch
         # out among threads by image), so that their floats and sampling grids stay in the cores' caches.
@@ -255,7 +259,14 @@ class BatchTransform:
         floats = torch.empty((min(step, n), h, w, c), dtype=torch.float32, device=x.device)  # reused by every step
         for s in range(0, n, step):
             part = floats[: min(step, n - s)].copy_(x[s : s + step])
-            part.view(-1, h, w * c).mul_(scale_rows[s : s + step])
+            if stains is not None:
+                jitter_stains(part, stains[0][s : s + step], stains[1][s : s + step])
+            gains = scale[s : s + step]
+            if self.preprocess.color_norm == "cell":  # after the stain jitter, as it would meet another lab's stain
+                gains = gains * cell_color_gain(part)
+            # A row of pixels is w * c numbers: per-channel factors repeated along it let the multiply run over
+            # long contiguous rows instead of triples (several times faster on a CPU).
+            part.view(-1, h, w * c).mul_(gains.repeat(1, w).view(-1, 1, w * c))
             part = part.permute(0, 3, 1, 2)
             if matrices is not None:
                 part = sample_nearest(part, matrices[s : s + step])
@@ -263,8 +274,20 @@ class BatchTransform:
         return out
 
 
+def jitter_stains(rgb: torch.Tensor, times: torch.Tensor, plus: torch.Tensor) -> None:
+    """In place on float RGB (N, H, W, 3) in [0, 255]: each image's stain amounts (colour deconvolution)
+    times `times` plus `plus`, both (N, 3), and back to RGB. Black (the background) stays black."""
+    rgb_from_hed = torch.tensor(RGB_FROM_HED, dtype=torch.float64)
+    hed_from_rgb = torch.linalg.inv(rgb_from_hed).to(rgb.device, torch.float32)
+    density = rgb.div(255).clamp_min_(1e-6).log_().neg_()
+    amounts = torch.matmul(density, hed_from_rgb).clamp_min_(0)
+    amounts.mul_(times.view(-1, 1, 1, 3)).add_(plus.view(-1, 1, 1, 3))
+    density = torch.matmul(amounts, rgb_from_hed.to(rgb.device, torch.float32))
+    rgb.copy_(density.neg_().exp_().clamp_(0, 1).mul_(255))
+
+
 def cell_color_gain(x: torch.Tensor) -> torch.Tensor:
-    """(N, 3) float: per image of uint8 (N, H, W, 3), the channel gains that bring the mean colour of its cell
+    """(N, 3) float: per image of RGB (N, H, W, 3) in [0, 255], the channel gains that bring the mean colour of its cell
     (every pixel brighter than BACKGROUND in some channel) to CELL_COLOR."""
     cell = x.amax(3, keepdim=True) > BACKGROUND
     pixels = cell.sum((1, 2), dtype=torch.float32).clamp_min(1)

@@ -1,6 +1,7 @@
-"""What helps on patients the model never saw: per-cell colour standardisation, and BatchNorm adapted to the
-images being scored (evaluate.py and predict.py --adapt-bn)."""
+"""What helps on patients the model never saw: per-cell colour standardisation, HED stain augmentation, and
+BatchNorm adapted to the images being scored (evaluate.py and predict.py --adapt-bn)."""
 import hashlib
+import math
 import os
 import subprocess
 import sys
@@ -108,6 +109,37 @@ def test_cell_colour_standardisation_takes_away_a_stain():
     assert (plain(cell) - plain(stained)).abs().max() > 0.3
     background = cell[0].amax(2) == 0
     assert torch.equal(a[0][:, background], plain(cell)[0][:, background])  # the black background stays black
+
+
+def test_stain_jitter_is_scikit_images_colour_deconvolution():
+    skcolor = pytest.importorskip("skimage.color")
+    g = torch.Generator().manual_seed(0)
+    rgb = torch.randint(0, 256, (3, 10, 12, 3), dtype=torch.uint8, generator=g)
+    rgb[:, :3] = 0  # black background
+    times, plus = 0.8 + 0.4 * torch.rand(3, 3, generator=g), 0.2 * torch.rand(3, 3, generator=g) - 0.1
+    jittered = rgb.float()
+    dataloader.jitter_stains(jittered, times, plus)
+    # scikit-image measures optical density in units of -ln(1e-6); the jitter, as Tellez et al., in units of 1.
+    unit = -math.log(1e-6)
+    for image, out, t, p in zip(rgb.numpy(), jittered, times.numpy(), plus.numpy()):
+        expected = skcolor.hed2rgb(skcolor.rgb2hed(image) * t + p / unit) * 255
+        torch.testing.assert_close(out, torch.from_numpy(expected).float(), atol=0.05, rtol=1e-4)
+    assert jittered[:, :3].max() < 0.5  # the background stays black
+    unchanged = rgb.float()
+    dataloader.jitter_stains(unchanged, torch.ones(3, 3), torch.zeros(3, 3))
+    assert not torch.equal(unchanged, jittered)
+
+
+def test_hed_augmentation_gives_each_image_its_own_stain():
+    cell = torch.zeros(1, 16, 16, 3, dtype=torch.uint8)
+    cell[0, 4:12, 4:12] = torch.tensor([150, 80, 170], dtype=torch.uint8)
+    pre = dataloader.Preprocess(crop=None, mean=(0, 0, 0), std=(1, 1, 1))
+    hed = dataloader.Augment(hflip=False, vflip=False, rotation=0, scale=(1, 1), stain=0, brightness=0, hed=0.1)
+    out = dataloader.BatchTransform(pre, hed)(cell.expand(4, 16, 16, 3), torch.Generator().manual_seed(0))
+    colours = out[:, :, 8, 8]
+    assert len({tuple(c.tolist()) for c in colours}) == 4  # four copies of one cell, four stains
+    assert (colours - cell[0, 8, 8].float() / 255).abs().max() > 0.02
+    assert out[:, :, 0, 0].abs().max() < 0.01  # the background stays black
 
 
 def test_old_checkpoints_keep_dataset_normalisation():
