@@ -2,7 +2,7 @@
 
     python dataloader.py --import-cnmc ../shared/cnmc --out data/cnmc-folds --folds 3
     python experiments/folds.py NAME --seeds 0 1 -- --image-size 128 --epochs 12 --cache ram [any train.py flags]
-    python experiments/folds.py --table NAME [NAME ...]      the Markdown table of EXPERIMENTS.md
+    python experiments/folds.py --table NAME [NAME ...]      the Markdown table of EXPERIMENTS.md (with seed ensembles)
 
 For every fold (data/cnmc-folds/fold_*) and seed, train.py trains on the fold's train subjects into
 checkpoints/folds/NAME/fold_<k>-seed<s> (a finished run is skipped, an interrupted one resumed), and evaluate.py
@@ -21,6 +21,8 @@ import statistics
 import subprocess
 import sys
 from collections import defaultdict
+
+from sklearn.metrics import f1_score, recall_score
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -75,19 +77,46 @@ def load_scores(name: str, results_dir: str) -> dict:
         scoring, (fold, seed) = os.path.basename(os.path.dirname(folder)), os.path.basename(folder).rsplit("-seed", 1)
         with open(path) as f:
             metrics = json.load(f)
-        right, total = defaultdict(int), defaultdict(int)
-        for cell, label, pred in read_predictions(os.path.join(folder, "predictions.csv")):
-            subject = parse_cnmc_name(os.path.basename(cell))[0]
-            total[subject] += 1
-            right[subject] += label == pred
-        scores[scoring][fold][int(seed)] = (metrics, {s: right[s] / total[s] for s in total})
+        cells, labels, preds, _ = read_predictions(os.path.join(folder, "predictions.csv"))
+        scores[scoring][fold][int(seed)] = (metrics, subject_accuracy(cells, labels, preds))
     return scores
 
 
-def read_predictions(path: str) -> list[tuple[str, int, int]]:
-    """(path, label, pred) of each row of evaluate.py's predictions.csv."""
+def ensemble_scores(name: str, results_dir: str) -> dict:
+    """load_scores' form, seed 0 standing for the ensemble of every seed: each cell's P(ALL) averaged over the
+    seeds, as predict.py averages checkpoints. Only scorings with two seeds or more on every fold."""
+    scores: dict = defaultdict(lambda: defaultdict(dict))
+    for scoring, by_fold in load_scores(name, results_dir).items():
+        if min(len(seeds) for seeds in by_fold.values()) < 2:
+            continue
+        for fold, seeds in by_fold.items():
+            runs = [read_predictions(os.path.join(results_dir, name, scoring, f"{fold}-seed{seed}", "predictions.csv"))
+                    for seed in sorted(seeds)]
+            cells, labels, _, _ = runs[0]
+            if any(other[0] != cells for other in runs[1:]):
+                raise SystemExit(f"error: the seeds of {name}/{scoring}/{fold} scored different cells; score them again")
+            preds = [int(statistics.mean(p) > 0.5) for p in zip(*(run[3] for run in runs))]
+            metrics = {"weighted_f1": f1_score(labels, preds, average="weighted"),
+                       "recall_hem": recall_score(labels, preds, pos_label=0), "recall_ALL": recall_score(labels, preds, pos_label=1)}
+            scores[scoring][fold][0] = (metrics, subject_accuracy(cells, labels, preds))
+    return scores
+
+
+def read_predictions(path: str) -> tuple[list[str], list[int], list[int], list[float]]:
+    """The cells, labels, predictions and P(ALL) of evaluate.py's predictions.csv."""
     with open(path, newline="") as f:
-        return [(row["path"], int(row["label"]), int(row["pred"])) for row in csv.DictReader(f)]
+        rows = list(csv.DictReader(f))
+    return ([r["path"] for r in rows], [int(r["label"]) for r in rows], [int(r["pred"]) for r in rows],
+            [float(r["prob_ALL"]) for r in rows])
+
+
+def subject_accuracy(cells: list[str], labels: list[int], preds: list[int]) -> dict[str, float]:
+    right, total = defaultdict(int), defaultdict(int)
+    for cell, label, pred in zip(cells, labels, preds):
+        subject = parse_cnmc_name(os.path.basename(cell))[0]
+        total[subject] += 1
+        right[subject] += label == pred
+    return {s: right[s] / total[s] for s in total}
 
 
 def summarise(scores_of_folds: dict) -> dict:
@@ -122,7 +151,8 @@ def report(name: str, scores: dict) -> None:
 
 
 def table(names: list[str], results_dir: str) -> None:
-    """One row per recipe and scoring: fold mean (± half the seed-to-seed range of it), worst fold, each fold, recall."""
+    """One row per recipe and scoring: fold mean (± half the seed-to-seed range of it), worst fold, each fold, recall;
+    and, for a recipe run with several seeds, the same for the ensemble of its seeds."""
     scores = {name: load_scores(name, results_dir) for name in names}
     folds = sorted({f for by_scoring in scores.values() for by_fold in by_scoring.values() for f in by_fold})
     missing = [name for name in names if not scores[name]]
@@ -132,14 +162,16 @@ def table(names: list[str], results_dir: str) -> None:
     print("| recipe | scored | weighted F1: fold mean ± seed spread | worst fold | " + " | ".join(folds) + " | recall hem / ALL |")
     print("|---|---|---|---|" + "---|" * len(folds) + "---|")
     for name in names:
-        for scoring in SCORINGS:
-            if scoring not in scores[name]:
-                continue
-            s = summarise(scores[name][scoring])
-            spread = f" ± {s['spread'] / 2:.3f}" if len(s["seeds"]) > 1 else ""
-            print(f"| {name} | {scoring} | {s['mean']:.3f}{spread} | {s['worst']:.3f} | "
-                  + " | ".join(f"{s['per_fold'][f]:.3f}" if f in s["per_fold"] else "" for f in folds)
-                  + f" | {s['recall']['hem']:.3f} / {s['recall']['ALL']:.3f} |")
+        ensemble = ensemble_scores(name, results_dir)
+        for label, by_scoring in ((name, scores[name]), (f"{name}, ensemble of its seeds", ensemble)):
+            for scoring in SCORINGS:
+                if scoring not in by_scoring:
+                    continue
+                s = summarise(by_scoring[scoring])
+                spread = f" ± {s['spread'] / 2:.3f}" if len(s["seeds"]) > 1 else ""
+                print(f"| {label} | {scoring} | {s['mean']:.3f}{spread} | {s['worst']:.3f} | "
+                      + " | ".join(f"{s['per_fold'][f]:.3f}" if f in s["per_fold"] else "" for f in folds)
+                      + f" | {s['recall']['hem']:.3f} / {s['recall']['ALL']:.3f} |")
 
 
 def main(argv: list[str]) -> int:
