@@ -2,7 +2,7 @@
 
     python dataloader.py --import-cnmc ../shared/cnmc --out data/cnmc-folds --folds 3
     python experiments/folds.py NAME --seeds 0 1 -- --image-size 128 --epochs 12 --cache ram [any train.py flags]
-    python experiments/folds.py --table NAME [NAME ...]      the Markdown table of EXPERIMENTS.md (with seed ensembles)
+    python experiments/folds.py --table NAME [NAME ...] [--scorings plain adapt-bn]    the table of EXPERIMENTS.md
 
 For every fold (data/cnmc-folds/fold_*) and seed, train.py trains on the fold's train subjects into
 checkpoints/folds/NAME/fold_<k>-seed<s> (a finished run is skipped, an interrupted one resumed), and evaluate.py
@@ -41,6 +41,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results-dir", default=os.path.join("results", "folds"), help="scores go to RESULTS_DIR/NAME/ (default: results/folds)")
     parser.add_argument("--workers", type=int, default=2, help="data-loading processes of evaluate.py (default: 2)")
     parser.add_argument("--table", action="store_true", help="print the Markdown table of the named recipes' scores, run nothing")
+    parser.add_argument("--scorings", nargs="+", choices=list(SCORINGS), default=list(SCORINGS),
+                        help="the scorings --table shows (default: all four)")
     return parser
 
 
@@ -150,7 +152,7 @@ def report(name: str, scores: dict) -> None:
                   "subjects " + " ".join(f"{sub} {statistics.mean(a):.2f}" for sub, a in sorted(subjects.items())))
 
 
-def table(names: list[str], results_dir: str) -> None:
+def table(names: list[str], results_dir: str, scorings: list[str] = list(SCORINGS)) -> None:
     """One row per recipe and scoring: fold mean (± half the seed-to-seed range of it), worst fold, each fold, recall;
     and, for a recipe run with several seeds, the same for the ensemble of its seeds."""
     scores = {name: load_scores(name, results_dir) for name in names}
@@ -164,7 +166,7 @@ def table(names: list[str], results_dir: str) -> None:
     for name in names:
         ensemble = ensemble_scores(name, results_dir)
         for label, by_scoring in ((name, scores[name]), (f"{name}, ensemble of its seeds", ensemble)):
-            for scoring in SCORINGS:
+            for scoring in scorings:
                 if scoring not in by_scoring:
                     continue
                 s = summarise(by_scoring[scoring])
@@ -178,7 +180,7 @@ def main(argv: list[str]) -> int:
     own, train_flags = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     args = get_args_parser().parse_args(own)
     if args.table:
-        table(args.name, args.results_dir)
+        table(args.name, args.results_dir, args.scorings)
         return 0
     if len(args.name) != 1:
         raise SystemExit("error: name one recipe to run (or --table NAME ...)")

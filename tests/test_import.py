@@ -186,6 +186,8 @@ def test_fold_summary_gives_mean_worst_spread_and_subjects(tmp_path, capsys):
     assert scores["plain"]["fold_0"][0][1] == {"H10": 0.5, "7": 1.0}
     folds.table(["r"], str(tmp_path))
     assert "| r | plain | 0.750 ± 0.050 | 0.650 | 0.850 | 0.650 | 0.500 / 1.000 |" in capsys.readouterr().out
+    folds.table(["r"], str(tmp_path), ["tta"])
+    assert "| r |" not in capsys.readouterr().out  # only the scorings asked for
     with pytest.raises(SystemExit, match="no scores .* for never-run"):
         folds.table(["r", "never-run"], str(tmp_path))
 
