@@ -220,7 +220,8 @@ class BatchTransform:
     Flips, rotation and scale are folded into one affine matrix per image and applied by one nearest-neighbour
     grid_sample (the pixels torchvision's RandomRotation picks by default, tested); the border they uncover
     is black, like the slide background. Stain and brightness gains fold into the normalisation; the HED stain
-    jitter, when on, changes the colours before them. The random draws come from `generator` (a CPU generator) and do not depend on the device.
+    jitter, when on, changes the colours before them. The random draws come from `generator` (a CPU generator)
+    and do not depend on the device.
     """
 
     def __init__(self, preprocess: Preprocess, augment: Augment | None = None):

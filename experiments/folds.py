@@ -152,7 +152,7 @@ def report(name: str, scores: dict) -> None:
                   "subjects " + " ".join(f"{sub} {statistics.mean(a):.2f}" for sub, a in sorted(subjects.items())))
 
 
-def table(names: list[str], results_dir: str, scorings: list[str] = list(SCORINGS)) -> None:
+def table(names: list[str], results_dir: str, scorings: list[str] | None = None) -> None:
     """One row per recipe and scoring: fold mean (± half the seed-to-seed range of it), worst fold, each fold, recall;
     and, for a recipe run with several seeds, the same for the ensemble of its seeds."""
     scores = {name: load_scores(name, results_dir) for name in names}
@@ -166,7 +166,7 @@ def table(names: list[str], results_dir: str, scorings: list[str] = list(SCORING
     for name in names:
         ensemble = ensemble_scores(name, results_dir)
         for label, by_scoring in ((name, scores[name]), (f"{name}, ensemble of its seeds", ensemble)):
-            for scoring in scorings:
+            for scoring in scorings or SCORINGS:
                 if scoring not in by_scoring:
                     continue
                 s = summarise(by_scoring[scoring])
