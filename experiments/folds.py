@@ -84,11 +84,12 @@ def load_scores(name: str, results_dir: str) -> dict:
     return scores
 
 
-def ensemble_scores(name: str, results_dir: str) -> dict:
-    """load_scores' form, seed 0 standing for the ensemble of every seed: each cell's P(ALL) averaged over the
-    seeds, as predict.py averages checkpoints. Only scorings with two seeds or more on every fold."""
+def ensemble_scores(name: str, results_dir: str, scores_of_seeds: dict) -> dict:
+    """load_scores' form, seed 0 standing for the ensemble of every seed in scores_of_seeds (load_scores' answer):
+    each cell's P(ALL) averaged over the seeds, as predict.py averages checkpoints. Only scorings with two seeds or
+    more on every fold."""
     scores: dict = defaultdict(lambda: defaultdict(dict))
-    for scoring, by_fold in load_scores(name, results_dir).items():
+    for scoring, by_fold in scores_of_seeds.items():
         if min(len(seeds) for seeds in by_fold.values()) < 2:
             continue
         for fold, seeds in by_fold.items():
@@ -164,7 +165,7 @@ def table(names: list[str], results_dir: str, scorings: list[str] | None = None)
     print("| recipe | scored | weighted F1: fold mean ± seed spread | worst fold | " + " | ".join(folds) + " | recall hem / ALL |")
     print("|---|---|---|---|" + "---|" * len(folds) + "---|")
     for name in names:
-        ensemble = ensemble_scores(name, results_dir)
+        ensemble = ensemble_scores(name, results_dir, scores[name])
         for label, by_scoring in ((name, scores[name]), (f"{name}, ensemble of its seeds", ensemble)):
             for scoring in scorings or SCORINGS:
                 if scoring not in by_scoring:

@@ -205,7 +205,7 @@ def test_seed_ensemble_averages_each_cells_probability(tmp_path, capsys):
             (out / "metrics.json").write_text('{"weighted_f1": 0.5, "recall_hem": 0.5, "recall_ALL": 0.5}')
             rows = [f"{c},{label},{int(q > 0.5)},{q}" for c, label, q in zip(cells, [0, 0, 1], p)]
             (out / "predictions.csv").write_text("\n".join(["path,label,pred,prob_ALL", *rows]) + "\n")
-    ensemble = folds.ensemble_scores("r", str(tmp_path))
+    ensemble = folds.ensemble_scores("r", str(tmp_path), folds.load_scores("r", str(tmp_path)))
     metrics, subjects = ensemble["plain"]["fold_0"][0]
     assert metrics["recall_hem"] == 0.5 and metrics["recall_ALL"] == 1.0
     assert metrics["weighted_f1"] == pytest.approx(f1_score([0, 0, 1], [1, 0, 1], average="weighted"))
