@@ -92,8 +92,8 @@ NO_AUGMENT = Augment(hflip=False, vflip=False, rotation=0.0, scale=(1.0, 1.0), s
 # Colour deconvolution (Ruifrok and Johnston 2001), scikit-image's rgb2hed: a pixel's optical density -ln(RGB) is
 # RGB_FROM_HED's rows (haematoxylin, eosin, DAB) mixed by the stains' amounts. HED stain augmentation (Tellez et al.
 # 2019) scales and shifts those amounts, in units of optical density, which is how another lab's staining differs.
-RGB_FROM_HED = torch.tensor(((0.65, 0.70, 0.29), (0.07, 0.99, 0.11), (0.27, 0.57, 0.78)), dtype=torch.float64)
-HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
+RGB_FROM_HED = torch.tensor(((0.65, 0.70, 0.29), (0.07, 0.99, 0.11), (0.27, 0.57, 0.78)))
+HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED.double()).float()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -280,9 +280,9 @@ def jitter_stains(rgb: torch.Tensor, times: torch.Tensor, plus: torch.Tensor) ->
     """In place on float RGB (N, H, W, 3) in [0, 255]: each image's stain amounts (colour deconvolution)
     times `times` plus `plus`, both (N, 3), and back to RGB. Black (the background) stays black."""
     density = rgb.div(255).clamp_min_(1e-6).log_().neg_()
-    amounts = torch.matmul(density, HED_FROM_RGB.to(rgb.device, torch.float32)).clamp_min_(0)
+    amounts = torch.matmul(density, HED_FROM_RGB.to(rgb.device)).clamp_min_(0)
     amounts.mul_(times.view(-1, 1, 1, 3)).add_(plus.view(-1, 1, 1, 3))
-    density = torch.matmul(amounts, RGB_FROM_HED.to(rgb.device, torch.float32))
+    density = torch.matmul(amounts, RGB_FROM_HED.to(rgb.device))
     rgb.copy_(density.neg_().exp_().clamp_(0, 1).mul_(255))
 
 
