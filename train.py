@@ -23,6 +23,7 @@ import random
 import signal
 import sys
 import time
+from collections import Counter
 from typing import Callable
 
 import numpy as np
@@ -35,8 +36,9 @@ from batching import CachedBatches, EpochBatchSampler, EpochStream, RunBatchSamp
 from checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from cli import non_negative_int, positive_int, require, run_main
 from dataloader import COLOR_NORMS, Augment, BatchTransform, Preprocess, RetinopathyLoader
+from datatools import parse_cnmc_name
 from devices import DEVICES, WORKERS, amp_dtype, autocast, device_name, keep_freed_memory, resolve_device
-from files import DiskFullError, atomic_write, check_both_classes, free_space, megabytes, write_csv_atomic
+from files import DataError, DiskFullError, atomic_write, check_both_classes, free_space, megabytes, write_csv_atomic
 from inference import predict_logits
 from resnet import MODELS, build_model
 
@@ -87,8 +89,9 @@ def get_args_parser(add_help: bool = True, suppress_defaults: bool = False) -> a
     add("--warmup-epochs", type=float, default=None, help=f"linear warm-up epochs before the schedule {recipe}")
     add("--lr-step", type=positive_int, default=30, help="epochs between x0.1 decays with --scheduler step (default: 30)")
     add("--label-smoothing", type=float, default=None, help=f"cross-entropy label smoothing {recipe}")
-    add("--class-balance", choices=["loss", "sampler", "none"], default=None,
-        help=f"counter the 68/32 ALL/hem split: inverse-frequency loss weights, or a balanced sampler {recipe}")
+    add("--class-balance", choices=["loss", "sampler", "subject", "none"], default=None,
+        help="counter the 68/32 ALL/hem split: inverse-frequency loss weights, a class-balanced sampler, or one "
+             f"balanced by class and, within a class, by patient (C-NMC file names) {recipe}")
     add("--ema", type=float, default=None, help=f"decay of an exponential moving average of the weights, 0 for none {recipe}")
     add("--crop", type=non_negative_int, default=None, help=f"side of the centre square kept from each image, px; 0 keeps it whole {recipe}")
     add("--image-size", type=positive_int, default=None, help=f"side the crop is resized to, px; unset keeps the crop's side {recipe}")
@@ -230,8 +233,9 @@ def load_data(args: argparse.Namespace, preprocess: Preprocess, augment: Augment
     check_both_classes(train_set.label, train_set.csv_path)
     train_sampler = EpochBatchSampler(len(train_set), args.batch_size, shuffle=True, seed=args.seed,
                                             rank=rank, world_size=world_size, drop_last=True)
-    if args.class_balance == "sampler":
-        train_sampler = BalancedBatchSampler(train_set.label, train_sampler)
+    if args.class_balance in ("sampler", "subject"):
+        subjects = train_subjects(train_set.img_name, train_set.csv_path) if args.class_balance == "subject" else None
+        train_sampler = BalancedBatchSampler(train_set.label, train_sampler, subjects)
     valid_sampler = EpochBatchSampler(len(valid_set), args.batch_size * 2, shuffle=False, rank=rank, world_size=world_size)
     run_sampler = RunBatchSampler(train_sampler, args.epochs)
     if args.cache == "none":
@@ -245,6 +249,20 @@ def load_data(args: argparse.Namespace, preprocess: Preprocess, augment: Augment
     return train_batches, train_transform, valid_batches, eval_transform, train_sampler, train_set.label, valid_set.label
 
 
+def train_subjects(paths: list[str], csv_path: str) -> list[str]:
+    """The patient of each training cell, from the C-NMC release's file names (UID_<subject>_..., kept by
+    dataloader.py --import-cnmc)."""
+    subjects = []
+    for path in paths:
+        parsed = parse_cnmc_name(os.path.basename(path))
+        if parsed is None:
+            raise DataError(f"{csv_path}: {path} is not named like the C-NMC release (UID_<subject>_<image>_<cell>_"
+                            "<all|hem>.bmp), so its patient is unknown; --class-balance subject needs data imported "
+                            "with dataloader.py --import-cnmc. Use --class-balance loss or sampler for the course data.")
+        subjects.append(parsed[0])
+    return subjects
+
+
 def augment_seed(args: argparse.Namespace, epoch: int, step: int) -> int:
     """The seed of the random augmentation of a train batch: the batch's place in the run (and the process's rank)
     sets it, so a resumed run draws the same as one that never stopped."""
@@ -252,12 +270,22 @@ def augment_seed(args: argparse.Namespace, epoch: int, step: int) -> int:
 
 
 class BalancedBatchSampler(EpochBatchSampler):
-    """Like EpochBatchSampler, but draws each epoch's indices with replacement so both classes are equally likely."""
+    """Like EpochBatchSampler, but draws each epoch's indices with replacement so both classes are equally likely.
 
-    def __init__(self, labels: list[int], base: EpochBatchSampler):
+    With subjects, each class's share is split among its patients in proportion to the square root of their cell
+    counts, so that one large patient does not make up a class on its own and a patient of one cell is not drawn
+    hundreds of times.
+    """
+
+    def __init__(self, labels: list[int], base: EpochBatchSampler, subjects: list[str] | None = None):
         super().__init__(base.n, base.batch_size, True, base.seed, base.rank, base.world_size, base.drop_last)
-        counts = torch.bincount(torch.tensor(labels), minlength=2).float()
-        self.weights = (1 / counts)[torch.tensor(labels)]
+        groups = subjects or [""] * len(labels)
+        cells = Counter(zip(labels, groups))
+        mass = {key: math.sqrt(n) if subjects else n for key, n in cells.items()}
+        per_class = Counter()
+        for (label, _), m in mass.items():
+            per_class[label] += m
+        self.weights = torch.tensor([mass[key] / cells[key] / per_class[key[0]] for key in zip(labels, groups)])
 
     def indices(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)

@@ -87,6 +87,17 @@ def test_subject_split_writes_the_course_layout(release, tmp_path):
     assert ds[0][0].shape == (3, 32, 32)
 
 
+def test_an_imported_release_trains_balanced_by_patient(release, tmp_path):
+    out = tmp_path / "out"
+    datatools.import_cnmc(release, str(out))
+    runs = tmp_path / "runs"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--data-root", str(out), "--output-dir", str(runs),
+                             "--class-balance", "subject", "--epochs", "1", "--image-size", "32", "--batch-size", "8",
+                             "--workers", "0", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(read(runs / "resnet18" / "history.csv")) == 2
+
+
 def test_random_split_is_stratified(release, tmp_path):
     split_of = datatools.import_cnmc(release, str(tmp_path / "out"), split="random", valid_frac=0.25, test_frac=0.25, seed=0)
     counts = Counter((split, subject_of(p).startswith("H")) for p, split in split_of.items())
