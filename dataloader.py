@@ -82,12 +82,14 @@ class Augment:
     stain: float = 0.1  # per-image, per-channel gain in [1 - stain, 1 + stain]
     brightness: float = 0.1  # per-image gain in [1 - brightness, 1 + brightness]
     hed: float = 0.0  # per-image stain jitter in HED space: each stain's amount times [1 - hed, 1 + hed], plus [-hed, hed]
+    blur: float = 0.0  # per-image Gaussian blur (focus), sigma uniform in [0, blur] px of the network's input
+    noise: float = 0.0  # per-image Gaussian pixel noise (camera), std uniform in [0, noise] of the 0-255 range
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-NO_AUGMENT = Augment(hflip=False, vflip=False, rotation=0.0, scale=(1.0, 1.0), stain=0.0, brightness=0.0, hed=0.0)
+NO_AUGMENT = Augment(hflip=False, vflip=False, rotation=0.0, scale=(1.0, 1.0), stain=0.0, brightness=0.0, hed=0.0, blur=0.0, noise=0.0)
 
 # Colour deconvolution (Ruifrok and Johnston 2001), scikit-image's rgb2hed: a pixel's optical density -ln(RGB) is
 # RGB_FROM_HED's rows (haematoxylin, eosin, DAB) mixed by the stains' amounts. HED stain augmentation (Tellez et al.
@@ -221,8 +223,8 @@ class BatchTransform:
     Flips, rotation and scale are folded into one affine matrix per image and applied by one nearest-neighbour
     grid_sample (the pixels torchvision's RandomRotation picks by default, tested); the border they uncover
     is black, like the slide background. Stain and brightness gains fold into the normalisation; the HED stain
-    jitter, when on, changes the colours before them. The random draws come from `generator` (a CPU generator)
-    and do not depend on the device.
+    jitter, blur and noise, when on, change the pixels before them. The random draws come from `generator` (a CPU
+    generator) and do not depend on the device, except the noise's pixels, drawn on the device from a seed it gives.
     """
 
     def __init__(self, preprocess: Preprocess, augment: Augment | None = None):
@@ -247,12 +249,16 @@ class BatchTransform:
             matrices = grid_matrix(torch.stack([cos * sx, -sin * sy, sin * sx, cos * sy], 1).view(n, 2, 2), h, w)
         gain = uniform(1 - a.stain, 1 + a.stain, 3) * uniform(1 - a.brightness, 1 + a.brightness, 1)
         stains = (uniform(1 - a.hed, 1 + a.hed, 3), uniform(-a.hed, a.hed, 3)) if a.hed else None
+        sigmas = uniform(0, a.blur) if a.blur else None
+        noise = (uniform(0, a.noise * 255), int(torch.randint(2**62, (1,), generator=generator))) if a.noise else None
         std = torch.tensor(self.preprocess.std)
         scale, bias = gain / (255 * std), (-torch.tensor(self.preprocess.mean) / std).view(1, c, 1, 1)
         if matrices is not None:
             matrices = to_device(matrices, x.device)
         if stains is not None:
             stains = tuple(to_device(t, x.device) for t in stains)
+        if noise is not None:
+            noise = (to_device(noise[0], x.device), torch.Generator(x.device).manual_seed(noise[1]))
         scale, bias = to_device(scale, x.device), to_device(bias, x.device)
         out = torch.empty((n, c, h, w), dtype=torch.float32, device=x.device)
         # A GPU takes the batch at once. A CPU takes two images per thread at a time (grid_sample shares a batch
@@ -263,6 +269,11 @@ class BatchTransform:
             part = floats[: min(step, n - s)].copy_(x[s : s + step])
             if stains is not None:
                 jitter_stains(part, stains[0][s : s + step], stains[1][s : s + step])
+            if sigmas is not None:
+                part.copy_(gaussian_blur(part.permute(0, 3, 1, 2), sigmas[s : s + step]).permute(0, 2, 3, 1))
+            if noise is not None:
+                spread = noise[0][s : s + step].view(-1, 1, 1, 1)
+                part.add_(torch.randn(part.shape, generator=noise[1], device=x.device).mul_(spread)).clamp_(0, 255)
             gains = scale[s : s + step]
             if self.preprocess.color_norm == "cell":  # after the stain jitter, as it would meet another lab's stain
                 gains = gains * cell_color_gain(part)
@@ -284,6 +295,20 @@ def jitter_stains(rgb: torch.Tensor, times: torch.Tensor, plus: torch.Tensor) ->
     amounts.mul_(times.view(-1, 1, 1, 3)).add_(plus.view(-1, 1, 1, 3))
     density = torch.matmul(amounts, RGB_FROM_HED.to(rgb.device))
     rgb.copy_(density.neg_().exp_().clamp_(0, 1).mul_(255))
+
+
+def gaussian_blur(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Each image of float (N, C, H, W) blurred by its own Gaussian of std sigmas[i] px (0: unchanged), as
+    torchvision's gaussian_blur with a kernel of 2 * ceil(3 * max sigma) + 1 taps and reflected borders."""
+    n, c, h, w = x.shape
+    radius = min(max(1, math.ceil(3 * float(sigmas.max()))), h - 1, w - 1)
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernels = torch.exp(-0.5 * (taps / sigmas.clamp_min(1e-3).view(-1, 1)) ** 2)
+    kernels = to_device((kernels / kernels.sum(1, keepdim=True)).repeat_interleave(c, 0), x.device)
+    y = F.pad(x.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode="reflect")
+    y = F.conv2d(y, kernels.view(n * c, 1, 1, -1), groups=n * c)
+    y = F.conv2d(y, kernels.view(n * c, 1, -1, 1), groups=n * c)
+    return y.view(n, c, h, w)
 
 
 def cell_color_gain(x: torch.Tensor) -> torch.Tensor:

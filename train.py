@@ -47,20 +47,20 @@ RECIPES = {
     "default": dict(epochs=100, batch_size=64, lr=0.05, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
                     scheduler="cosine", warmup_epochs=3, label_smoothing=0.1, class_balance="loss", ema=0.999,
                     crop=350, image_size=None, color_norm="dataset", hflip=True, vflip=True, rotation=180.0, scale_jitter=0.1,
-                    color_jitter=0.1, hed_jitter=0.0),
+                    color_jitter=0.1, hed_jitter=0.0, blur=0.0, noise=0.0),
     "seed": dict(epochs=201, batch_size=64, lr=1e-4, optimizer="sgd", momentum=0.0, weight_decay=0.0,
                  scheduler="none", warmup_epochs=0, label_smoothing=0.0, class_balance="none", ema=0.0,
                  crop=None, image_size=None, color_norm="dataset", hflip=True, vflip=False, rotation=15.0, scale_jitter=0.0,
-                 color_jitter=0.0, hed_jitter=0.0),
+                 color_jitter=0.0, hed_jitter=0.0, blur=0.0, noise=0.0),
 }
 SEED_RECIPE_PER_MODEL = {"resnet18": dict(batch_size=64, epochs=201), "resnet50": dict(batch_size=32, epochs=201),
                          "resnet152": dict(batch_size=32, epochs=31)}
 DEMO = dict(model="resnet18", data_root=os.path.join("data", "demo"), run_name="demo", epochs=15, batch_size=32,
             lr=0.05, warmup_epochs=1, image_size=64, cache="ram", ema=0.99)
 RESUME_KEYS = ("optimizer", "scheduler", "scaler", "ema", "ema_updates", "history", "rng", "args", "best_metric", "best_epoch")
-# Flags that may differ when a run is resumed; any other flag given with --resume must match the run.
 # Flags that a run trained by an earlier train.py did not save, with the value that trained it.
-UNSAVED_BEFORE = {"color_norm": "dataset", "tensorboard": False, "hed_jitter": 0.0}
+UNSAVED_BEFORE = {"color_norm": "dataset", "tensorboard": False, "hed_jitter": 0.0, "blur": 0.0, "noise": 0.0}
+# Flags that may differ when a run is resumed; any other flag given with --resume must match the run.
 RESUMABLE = {"resume", "epochs", "lr", "workers", "device", "compile", "cache", "print_freq", "data_root", "output_dir", "run_name", "amp",
              "tensorboard"}
 
@@ -105,6 +105,8 @@ def get_args_parser(add_help: bool = True, suppress_defaults: bool = False) -> a
     add("--color-jitter", type=float, default=None, help=f"random per-channel stain and brightness gain in [1 - c, 1 + c] {recipe}")
     add("--hed-jitter", type=float, default=None,
         help=f"HED stain augmentation (Tellez et al. 2019): each stain's amount times [1 - h, 1 + h] plus [-h, h] {recipe}")
+    add("--blur", type=float, default=None, help=f"random Gaussian blur, sigma in [0, b] px of the input size {recipe}")
+    add("--noise", type=float, default=None, help=f"random Gaussian pixel noise, std in [0, n] of the 0-255 range {recipe}")
     add("--best-metric", choices=["acc", "f1"], default="acc", help="what best.pt keeps the best of: valid accuracy or weighted F1 (default: acc)")
     add("--workers", type=non_negative_int, default=WORKERS, help="data-loading processes per GPU (default: min(8, cores))")
     add("--cache", choices=["none", "ram", "gpu"], default="none",
@@ -216,7 +218,8 @@ def transforms_from_args(args: argparse.Namespace) -> tuple[Preprocess, Augment]
     """The run's preprocessing and training augmentation, from its flags."""
     scale = (1 - args.scale_jitter, 1 + args.scale_jitter)
     augment = Augment(hflip=args.hflip, vflip=args.vflip, rotation=args.rotation, scale=scale,
-                      stain=args.color_jitter, brightness=args.color_jitter, hed=args.hed_jitter)
+                      stain=args.color_jitter, brightness=args.color_jitter, hed=args.hed_jitter,
+                      blur=args.blur, noise=args.noise)
     return Preprocess(crop=args.crop, size=args.image_size, color_norm=args.color_norm), augment
 
 

@@ -142,6 +142,33 @@ def test_hed_augmentation_gives_each_image_its_own_stain():
     assert out[:, :, 0, 0].abs().max() < 0.01  # the background stays black
 
 
+def test_blur_is_torchvisions_gaussian_blur_with_each_images_own_sigma():
+    tvf = pytest.importorskip("torchvision.transforms.functional")
+    x = torch.rand(3, 3, 20, 24, generator=torch.Generator().manual_seed(0)) * 255
+    sigmas = torch.tensor([0.0, 0.8, 1.7])
+    out = dataloader.gaussian_blur(x, sigmas)
+    assert torch.equal(out[0], x[0])  # sigma 0 leaves the image as it was
+    for image, blurred, sigma in zip(x[1:], out[1:], sigmas[1:].tolist()):
+        torch.testing.assert_close(blurred, tvf.gaussian_blur(image, [13, 13], [sigma, sigma]), atol=1e-3, rtol=1e-5)
+
+
+def test_blur_and_noise_draw_per_image_and_repeat_with_the_seed():
+    cell = torch.zeros(1, 16, 16, 3, dtype=torch.uint8)
+    cell[0, 4:12, 4:12] = 160
+    pre = dataloader.Preprocess(crop=None, mean=(0, 0, 0), std=(1, 1, 1))
+    still = dict(hflip=False, vflip=False, rotation=0, scale=(1, 1), stain=0, brightness=0)
+    batch = cell.expand(6, 16, 16, 3)
+    noisy = dataloader.BatchTransform(pre, dataloader.Augment(**still, noise=0.1))
+    out = noisy(batch, torch.Generator().manual_seed(0))
+    inside = out[:, :, 5:11, 5:11].std((1, 2, 3)) * 255
+    assert 0 < inside.min() < inside.max() < 0.1 * 255 * 1.2  # each image its own amount, up to 10% of 255
+    assert torch.equal(out, noisy(batch, torch.Generator().manual_seed(0)))
+    blurred = dataloader.BatchTransform(pre, dataloader.Augment(**still, blur=2.0))(batch, torch.Generator().manual_seed(0))
+    edges = blurred[:, 0, 8, 3]  # just outside the cell: dark unless blurred
+    assert len(set(edges.tolist())) == 6 and edges.max() > 0.05
+    assert (blurred[:, :, 8, 8] - 160 / 255).abs().max() < 0.1  # the cell's middle stays about as it was
+
+
 def test_old_checkpoints_keep_dataset_normalisation():
     d = dataloader.Preprocess(crop=300, size=64).to_dict()
     del d["color_norm"]
