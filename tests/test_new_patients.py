@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
-import dataloader
 import checkpoints
+import dataloader
+import evaluate
 import files
 import inference
 from conftest import ROOT
@@ -173,6 +174,15 @@ def test_old_checkpoints_keep_dataset_normalisation():
     d = dataloader.Preprocess(crop=300, size=64).to_dict()
     del d["color_norm"]
     assert dataloader.Preprocess.from_dict(d).color_norm == "dataset"
+
+
+def test_adapt_bn_warns_when_the_scored_set_is_mostly_one_class(capsys):
+    evaluate.warn_if_one_class([1] * 97 + [0] * 3, "held_out.csv")
+    warning = capsys.readouterr().err
+    assert "held_out.csv" in warning and "97% ALL" in warning and "both classes" in warning
+    evaluate.warn_if_one_class([1] * 60 + [0] * 40, "mixed.csv")
+    evaluate.warn_if_one_class([0] * 89 + [1] * 11, "mixed.csv")
+    assert capsys.readouterr().err == ""
 
 
 def digest(path: str) -> str:
