@@ -81,7 +81,7 @@ class Augment:
     scale: tuple[float, float] = (0.9, 1.1)  # cell size varies between images and patients
     stain: float = 0.1  # per-image, per-channel gain in [1 - stain, 1 + stain]
     brightness: float = 0.1  # per-image gain in [1 - brightness, 1 + brightness]
-    hed: float = 0.0  # per-image stain jitter in HED space: each stain's amount times [1 - hed, 1 + hed], plus [-hed, hed]
+    hed: float = 0.2  # per-image stain jitter in HED space: each stain's amount times [1 - hed, 1 + hed], plus [-hed, hed]
     blur: float = 0.0  # per-image Gaussian blur (focus), sigma uniform in [0, blur] px of the network's input
     noise: float = 0.0  # per-image Gaussian pixel noise (camera), std uniform in [0, noise] of the 0-255 range
 

@@ -47,7 +47,7 @@ RECIPES = {
     "default": dict(epochs=100, batch_size=64, lr=0.05, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
                     scheduler="cosine", warmup_epochs=3, label_smoothing=0.1, class_balance="loss", ema=0.999,
                     crop=350, image_size=None, color_norm="dataset", hflip=True, vflip=True, rotation=180.0, scale_jitter=0.1,
-                    color_jitter=0.1, hed_jitter=0.0, blur=0.0, noise=0.0),
+                    color_jitter=0.1, hed_jitter=0.2, blur=0.0, noise=0.0),
     "seed": dict(epochs=201, batch_size=64, lr=1e-4, optimizer="sgd", momentum=0.0, weight_decay=0.0,
                  scheduler="none", warmup_epochs=0, label_smoothing=0.0, class_balance="none", ema=0.0,
                  crop=None, image_size=None, color_norm="dataset", hflip=True, vflip=False, rotation=15.0, scale_jitter=0.0,

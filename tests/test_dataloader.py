@@ -189,7 +189,7 @@ def test_affine_flips_and_identity_are_exact():
 def test_flip_augmentation_gives_one_of_the_four_flips():
     x = torch.randint(0, 256, (8, 9, 9, 3), dtype=torch.uint8)
     pre = Preprocess(mean=(0, 0, 0), std=(1, 1, 1))
-    flips = Augment(hflip=True, vflip=True, rotation=0, scale=(1, 1), stain=0, brightness=0)
+    flips = Augment(hflip=True, vflip=True, rotation=0, scale=(1, 1), stain=0, brightness=0, hed=0)
     out = BatchTransform(pre, flips)(x, torch.Generator().manual_seed(0))
     seen = set()
     for o, i in zip(out, x.permute(0, 3, 1, 2).float() / 255):

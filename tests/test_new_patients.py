@@ -157,7 +157,7 @@ def test_blur_and_noise_draw_per_image_and_repeat_with_the_seed():
     cell = torch.zeros(1, 16, 16, 3, dtype=torch.uint8)
     cell[0, 4:12, 4:12] = 160
     pre = dataloader.Preprocess(crop=None, mean=(0, 0, 0), std=(1, 1, 1))
-    still = dict(hflip=False, vflip=False, rotation=0, scale=(1, 1), stain=0, brightness=0)
+    still = dict(hflip=False, vflip=False, rotation=0, scale=(1, 1), stain=0, brightness=0, hed=0)
     batch = cell.expand(6, 16, 16, 3)
     noisy = dataloader.BatchTransform(pre, dataloader.Augment(**still, noise=0.1))
     out = noisy(batch, torch.Generator().manual_seed(0))
