@@ -250,15 +250,16 @@ class BatchTransform:
         gain = uniform(1 - a.stain, 1 + a.stain, 3) * uniform(1 - a.brightness, 1 + a.brightness, 1)
         stains = (uniform(1 - a.hed, 1 + a.hed, 3), uniform(-a.hed, a.hed, 3)) if a.hed else None
         sigmas = uniform(0, a.blur) if a.blur else None
-        noise = (uniform(0, a.noise * 255), int(torch.randint(2**62, (1,), generator=generator))) if a.noise else None
+        noise_std = uniform(0, a.noise * 255) if a.noise else None
+        noise_seed = int(torch.randint(2**62, (1,), generator=generator)) if a.noise else None
         std = torch.tensor(self.preprocess.std)
         scale, bias = gain / (255 * std), (-torch.tensor(self.preprocess.mean) / std).view(1, c, 1, 1)
         if matrices is not None:
             matrices = to_device(matrices, x.device)
         if stains is not None:
             stains = tuple(to_device(t, x.device) for t in stains)
-        if noise is not None:
-            noise = (to_device(noise[0], x.device), torch.Generator(x.device).manual_seed(noise[1]))
+        if noise_std is not None:
+            noise_std, noise_generator = to_device(noise_std, x.device), torch.Generator(x.device).manual_seed(noise_seed)
         scale, bias = to_device(scale, x.device), to_device(bias, x.device)
         out = torch.empty((n, c, h, w), dtype=torch.float32, device=x.device)
         # A GPU takes the batch at once. A CPU takes two images per thread at a time (grid_sample shares a batch
@@ -271,9 +272,9 @@ class BatchTransform:
                 jitter_stains(part, stains[0][s : s + step], stains[1][s : s + step])
             if sigmas is not None:
                 part.copy_(gaussian_blur(part.permute(0, 3, 1, 2), sigmas[s : s + step]).permute(0, 2, 3, 1))
-            if noise is not None:
-                spread = noise[0][s : s + step].view(-1, 1, 1, 1)
-                part.add_(torch.randn(part.shape, generator=noise[1], device=x.device).mul_(spread)).clamp_(0, 255)
+            if noise_std is not None:
+                spread = noise_std[s : s + step].view(-1, 1, 1, 1)
+                part.add_(torch.randn(part.shape, generator=noise_generator, device=x.device).mul_(spread)).clamp_(0, 255)
             gains = scale[s : s + step]
             if self.preprocess.color_norm == "cell":  # after the stain jitter, as it would meet another lab's stain
                 gains = gains * cell_color_gain(part)
