@@ -82,6 +82,8 @@ class Augment:
     stain: float = 0.1  # per-image, per-channel gain in [1 - stain, 1 + stain]
     brightness: float = 0.1  # per-image gain in [1 - brightness, 1 + brightness]
     hed: float = 0.2  # per-image stain jitter in HED space: each stain's amount times [1 - hed, 1 + hed], plus [-hed, hed]
+    hue: float = 0.0  # per-image hue shift in [-hue, hue] of the colour circle, as torchvision's ColorJitter (at most 0.5)
+    saturation: float = 0.0  # per-image saturation factor in [1 - saturation, 1 + saturation], as ColorJitter
     blur: float = 0.0  # per-image Gaussian blur (focus), sigma uniform in [0, blur] px of the network's input
     noise: float = 0.0  # per-image Gaussian pixel noise (camera), std uniform in [0, noise] of the 0-255 range
 
@@ -89,7 +91,8 @@ class Augment:
         return asdict(self)
 
 
-NO_AUGMENT = Augment(hflip=False, vflip=False, rotation=0.0, scale=(1.0, 1.0), stain=0.0, brightness=0.0, hed=0.0, blur=0.0, noise=0.0)
+NO_AUGMENT = Augment(hflip=False, vflip=False, rotation=0.0, scale=(1.0, 1.0), stain=0.0, brightness=0.0, hed=0.0, hue=0.0,
+                     saturation=0.0, blur=0.0, noise=0.0)
 
 # Colour deconvolution (Ruifrok and Johnston 2001), scikit-image's rgb2hed: a pixel's optical density -ln(RGB) is
 # RGB_FROM_HED's rows (haematoxylin, eosin, DAB) mixed by the stains' amounts. HED stain augmentation (Tellez et al.
@@ -223,8 +226,9 @@ class BatchTransform:
     Flips, rotation and scale are folded into one affine matrix per image and applied by one nearest-neighbour
     grid_sample (the pixels torchvision's RandomRotation picks by default, tested); the border they uncover
     is black, like the slide background. Stain and brightness gains fold into the normalisation; the HED stain
-    jitter, blur and noise, when on, change the pixels before them. The random draws come from `generator` (a CPU
-    generator) and do not depend on the device, except the noise's pixels, drawn on the device from a seed it gives.
+    jitter, hue and saturation jitter, blur and noise, when on, change the pixels before them. The random draws
+    come from `generator` (a CPU generator) and do not depend on the device, except the noise's pixels, drawn on
+    the device from a seed it gives.
     """
 
     def __init__(self, preprocess: Preprocess, augment: Augment | None = None):
@@ -249,6 +253,7 @@ class BatchTransform:
             matrices = grid_matrix(torch.stack([cos * sx, -sin * sy, sin * sx, cos * sy], 1).view(n, 2, 2), h, w)
         gain = uniform(1 - a.stain, 1 + a.stain, 3) * uniform(1 - a.brightness, 1 + a.brightness, 1)
         stains = (uniform(1 - a.hed, 1 + a.hed, 3), uniform(-a.hed, a.hed, 3)) if a.hed else None
+        hsv = (uniform(-a.hue, a.hue), uniform(max(0.0, 1 - a.saturation), 1 + a.saturation)) if a.hue or a.saturation else None
         sigmas = uniform(0, a.blur) if a.blur else None
         noise_std = uniform(0, a.noise * 255) if a.noise else None
         noise_seed = int(torch.randint(2**62, (1,), generator=generator)) if a.noise else None
@@ -258,6 +263,8 @@ class BatchTransform:
             matrices = to_device(matrices, x.device)
         if stains is not None:
             stains = tuple(to_device(t, x.device) for t in stains)
+        if hsv is not None:
+            hsv = tuple(to_device(t, x.device) for t in hsv)
         if noise_std is not None:
             noise_std, noise_generator = to_device(noise_std, x.device), torch.Generator(x.device).manual_seed(noise_seed)
         scale, bias = to_device(scale, x.device), to_device(bias, x.device)
@@ -270,6 +277,8 @@ class BatchTransform:
             part = floats[: min(step, n - s)].copy_(x[s : s + step])
             if stains is not None:
                 jitter_stains(part, stains[0][s : s + step], stains[1][s : s + step])
+            if hsv is not None:
+                jitter_hue_saturation(part, hsv[0][s : s + step], hsv[1][s : s + step])
             if sigmas is not None:
                 part.copy_(gaussian_blur(part.permute(0, 3, 1, 2), sigmas[s : s + step]).permute(0, 2, 3, 1))
             if noise_std is not None:
@@ -296,6 +305,18 @@ def jitter_stains(rgb: torch.Tensor, times: torch.Tensor, plus: torch.Tensor) ->
     amounts.mul_(times.view(-1, 1, 1, 3)).add_(plus.view(-1, 1, 1, 3))
     density = torch.matmul(amounts, RGB_FROM_HED.to(rgb.device))
     rgb.copy_(density.neg_().exp_().clamp_(0, 1).mul_(255))
+
+
+def jitter_hue_saturation(rgb: torch.Tensor, hue: torch.Tensor, saturation: torch.Tensor) -> None:
+    """In place on float RGB (N, H, W, 3) in [0, 255]: each image's hue turned by hue[i] of the colour circle, then
+    its saturation scaled by saturation[i], as torchvision's adjust_hue and adjust_saturation (kornia's, which take a
+    factor per image)."""
+    import kornia.enhance  # imported here: it takes seconds, and only runs that use this jitter need it
+
+    x = rgb.permute(0, 3, 1, 2).div(255)
+    x = kornia.enhance.adjust_hue(x, hue * (2 * math.pi))  # kornia turns the hue in radians
+    x = kornia.enhance.adjust_saturation_with_gray_subtraction(x, saturation)
+    rgb.copy_(x.permute(0, 2, 3, 1).mul_(255))
 
 
 def gaussian_blur(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:

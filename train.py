@@ -47,11 +47,11 @@ RECIPES = {
     "default": dict(epochs=100, batch_size=64, lr=0.05, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
                     scheduler="cosine", warmup_epochs=3, label_smoothing=0.1, class_balance="loss", ema=0.999,
                     crop=350, image_size=None, color_norm="dataset", hflip=True, vflip=True, rotation=180.0, scale_jitter=0.1,
-                    color_jitter=0.1, hed_jitter=0.2, blur=0.0, noise=0.0),
+                    color_jitter=0.1, hed_jitter=0.2, hue_jitter=0.0, saturation_jitter=0.0, blur=0.0, noise=0.0),
     "seed": dict(epochs=201, batch_size=64, lr=1e-4, optimizer="sgd", momentum=0.0, weight_decay=0.0,
                  scheduler="none", warmup_epochs=0, label_smoothing=0.0, class_balance="none", ema=0.0,
                  crop=None, image_size=None, color_norm="dataset", hflip=True, vflip=False, rotation=15.0, scale_jitter=0.0,
-                 color_jitter=0.0, hed_jitter=0.0, blur=0.0, noise=0.0),
+                 color_jitter=0.0, hed_jitter=0.0, hue_jitter=0.0, saturation_jitter=0.0, blur=0.0, noise=0.0),
 }
 SEED_RECIPE_PER_MODEL = {"resnet18": dict(batch_size=64, epochs=201), "resnet50": dict(batch_size=32, epochs=201),
                          "resnet152": dict(batch_size=32, epochs=31)}
@@ -59,10 +59,19 @@ DEMO = dict(model="resnet18", data_root=os.path.join("data", "demo"), run_name="
             lr=0.05, warmup_epochs=1, image_size=64, cache="ram", ema=0.99)
 RESUME_KEYS = ("optimizer", "scheduler", "scaler", "ema", "ema_updates", "history", "rng", "args", "best_metric", "best_epoch")
 # Flags that a run trained by an earlier train.py did not save, with the value that trained it.
-UNSAVED_BEFORE = {"color_norm": "dataset", "tensorboard": False, "hed_jitter": 0.0, "blur": 0.0, "noise": 0.0}
+UNSAVED_BEFORE = {"color_norm": "dataset", "tensorboard": False, "hed_jitter": 0.0, "hue_jitter": 0.0, "saturation_jitter": 0.0,
+                  "blur": 0.0, "noise": 0.0}
 # Flags that may differ when a run is resumed; any other flag given with --resume must match the run.
 RESUMABLE = {"resume", "epochs", "lr", "workers", "device", "compile", "cache", "print_freq", "data_root", "output_dir", "run_name", "amp",
              "tensorboard"}
+
+
+def hue_fraction(text: str) -> float:
+    """An argparse type: a fraction of the colour circle from 0 to 0.5 (--hue-jitter; 0.5 turns a hue to its opposite)."""
+    value = float(text)
+    if not 0 <= value <= 0.5:
+        raise argparse.ArgumentTypeError(f"{value} is not between 0 and 0.5")
+    return value
 
 
 def get_args_parser(add_help: bool = True, suppress_defaults: bool = False) -> argparse.ArgumentParser:
@@ -105,6 +114,10 @@ def get_args_parser(add_help: bool = True, suppress_defaults: bool = False) -> a
     add("--color-jitter", type=float, default=None, help=f"random per-channel stain and brightness gain in [1 - c, 1 + c] {recipe}")
     add("--hed-jitter", type=float, default=None,
         help=f"HED stain augmentation (Tellez et al. 2019): each stain's amount times [1 - h, 1 + h] plus [-h, h] {recipe}")
+    add("--hue-jitter", type=hue_fraction, default=None,
+        help=f"random hue shift in [-h, h] of the colour circle, at most 0.5, as torchvision's ColorJitter {recipe}")
+    add("--saturation-jitter", type=float, default=None,
+        help=f"random saturation factor in [1 - s, 1 + s], as torchvision's ColorJitter {recipe}")
     add("--blur", type=float, default=None, help=f"random Gaussian blur, sigma in [0, b] px of the input size {recipe}")
     add("--noise", type=float, default=None, help=f"random Gaussian pixel noise, std in [0, n] of the 0-255 range {recipe}")
     add("--best-metric", choices=["acc", "f1"], default="acc", help="what best.pt keeps the best of: valid accuracy or weighted F1 (default: acc)")
@@ -219,7 +232,7 @@ def transforms_from_args(args: argparse.Namespace) -> tuple[Preprocess, Augment]
     scale = (1 - args.scale_jitter, 1 + args.scale_jitter)
     augment = Augment(hflip=args.hflip, vflip=args.vflip, rotation=args.rotation, scale=scale,
                       stain=args.color_jitter, brightness=args.color_jitter, hed=args.hed_jitter,
-                      blur=args.blur, noise=args.noise)
+                      hue=args.hue_jitter, saturation=args.saturation_jitter, blur=args.blur, noise=args.noise)
     return Preprocess(crop=args.crop, size=args.image_size, color_norm=args.color_norm), augment
 
 
@@ -621,6 +634,8 @@ def merge_resumed_args(args: argparse.Namespace, explicit: set[str]) -> argparse
 def main(args: argparse.Namespace) -> int:
     if args.tensorboard:
         require("tensorboard", "tensorboard==2.21.0", "--tensorboard")
+    if args.hue_jitter or args.saturation_jitter:
+        require("kornia", "kornia==0.9.0", "--hue-jitter and --saturation-jitter")
     rank, world_size, device = setup_distributed(args)
     keep_freed_memory(device)
     args.rank, args.world_size = rank, world_size

@@ -1,5 +1,5 @@
-"""What helps on patients the model never saw: per-cell colour standardisation, HED stain augmentation, and
-BatchNorm adapted to the images being scored (evaluate.py and predict.py --adapt-bn)."""
+"""What helps on patients the model never saw: per-cell colour standardisation, HED stain, hue and saturation
+augmentation, and BatchNorm adapted to the images being scored (evaluate.py and predict.py --adapt-bn)."""
 import hashlib
 import math
 import os
@@ -168,6 +168,33 @@ def test_blur_and_noise_draw_per_image_and_repeat_with_the_seed():
     edges = blurred[:, 0, 8, 3]  # just outside the cell: dark unless blurred
     assert len(set(edges.tolist())) == 6 and edges.max() > 0.05
     assert (blurred[:, :, 8, 8] - 160 / 255).abs().max() < 0.1  # the cell's middle stays about as it was
+
+
+def test_hue_and_saturation_jitter_are_torchvisions_with_each_images_own_factor():
+    tvf = pytest.importorskip("torchvision.transforms.functional")
+    g = torch.Generator().manual_seed(0)
+    rgb = torch.randint(0, 256, (3, 10, 12, 3), dtype=torch.uint8, generator=g)
+    hue, saturation = torch.tensor([0.0, -0.2, 0.45]), torch.tensor([1.0, 0.6, 1.4])
+    jittered = rgb.float()
+    dataloader.jitter_hue_saturation(jittered, hue, saturation)
+    torch.testing.assert_close(jittered[0], rgb[0].float(), atol=1e-3, rtol=0)  # factors of no change
+    for image, out, h, s in zip(rgb[1:], jittered[1:], hue[1:].tolist(), saturation[1:].tolist()):
+        expected = tvf.adjust_saturation(tvf.adjust_hue(image.permute(2, 0, 1).float() / 255, h), s)
+        torch.testing.assert_close(out, expected.permute(1, 2, 0) * 255, atol=0.05, rtol=1e-4)
+
+
+def test_hue_and_saturation_jitter_give_each_image_its_own_colour():
+    cell = torch.zeros(1, 16, 16, 3, dtype=torch.uint8)
+    cell[0, 4:12, 4:12] = torch.tensor([150, 80, 170], dtype=torch.uint8)
+    pre = dataloader.Preprocess(crop=None, mean=(0, 0, 0), std=(1, 1, 1))
+    still = dict(hflip=False, vflip=False, rotation=0, scale=(1, 1), stain=0, brightness=0, hed=0)
+    transform = dataloader.BatchTransform(pre, dataloader.Augment(**still, hue=0.1, saturation=0.3))
+    out = transform(cell.expand(4, 16, 16, 3), torch.Generator().manual_seed(0))
+    colours = out[:, :, 8, 8]
+    assert len({tuple(c.tolist()) for c in colours}) == 4  # four copies of one cell, four colours
+    assert (colours - cell[0, 8, 8].float() / 255).abs().max() > 0.02
+    assert out[:, :, 0, 0].abs().max() < 0.01  # the background stays black
+    assert torch.equal(out, transform(cell.expand(4, 16, 16, 3), torch.Generator().manual_seed(0)))
 
 
 def test_old_checkpoints_keep_dataset_normalisation():

@@ -374,6 +374,7 @@ def test_every_flag_has_help():
     (["--workers", "-1"], "argument --workers: -1 is not a whole number of at least 0"),
     (["--batch-size", "0"], "argument --batch-size: 0 is not a whole number of at least 1"),
     (["--print-freq", "0"], "argument --print-freq: 0 is not a whole number of at least 1"),
+    (["--hue-jitter", "0.6"], "argument --hue-jitter: 0.6 is not between 0 and 0.5"),
 ])
 def test_counts_out_of_range_are_refused_by_the_flag_parser(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
