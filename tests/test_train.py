@@ -376,7 +376,7 @@ def test_every_flag_has_help():
     (["--print-freq", "0"], "argument --print-freq: 0 is not a whole number of at least 1"),
     (["--hue-jitter", "0.6"], "argument --hue-jitter: 0.6 is not between 0 and 0.5"),
 ])
-def test_counts_out_of_range_are_refused_by_the_flag_parser(flags, message, capsys):
+def test_values_out_of_range_are_refused_by_the_flag_parser(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         train.parse_args(flags)
     assert e.value.code == 2 and message in capsys.readouterr().err
