@@ -6,7 +6,8 @@
 
 For every fold (data/cnmc-folds/fold_*) and seed, train.py trains on the fold's train subjects into
 checkpoints/folds/NAME/fold_<k>-seed<s> (a finished run is skipped, an interrupted one resumed), and evaluate.py
-scores its last.pt on the fold's held-out subjects four ways: plain, --tta, --adapt-bn, and both. Printed per
+scores its last.pt on the fold's held-out subjects four ways: plain, --tta, --adapt-bn, and both; then plain and
+with --adapt-bn on the held-out cells thinned to the class mix of the fold's training cells (train-mix). Printed per
 scoring: weighted F1, hem and ALL recall per fold (mean over seeds), the mean and the worst fold, the seed-to-seed
 spread of the fold mean, and the accuracy on each held-out subject.
 """
@@ -17,6 +18,7 @@ import csv
 import glob
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -28,8 +30,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from datatools import parse_cnmc_name  # noqa: E402
+from files import read_csv, write_csv_atomic  # noqa: E402
 
-SCORINGS = {"plain": [], "tta": ["--tta"], "adapt-bn": ["--adapt-bn"], "adapt-bn+tta": ["--adapt-bn", "--tta"]}
+# evaluate.py's flags per scoring; the train-mix scorings score train_mix_csv's cells instead of the whole valid set
+SCORINGS = {"plain": [], "tta": ["--tta"], "adapt-bn": ["--adapt-bn"], "adapt-bn+tta": ["--adapt-bn", "--tta"],
+            "train-mix": [], "train-mix+adapt-bn": ["--adapt-bn"]}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -67,8 +72,26 @@ def train_and_score(name: str, fold: str, seed: int, train_flags: list[str], arg
              *train_flags], log)
     for scoring, flags in SCORINGS.items():
         if not os.path.isfile(os.path.join(args.results_dir, name, scoring, run_name, "metrics.json")):
+            cells = ["--csv", train_mix_csv(fold)] if scoring.startswith("train-mix") else []
             run([sys.executable, "evaluate.py", "--checkpoint", last, "--out-dir", os.path.join(args.results_dir, name, scoring),
-                 "--workers", str(args.workers), "--gallery", "0", *flags], log)
+                 "--workers", str(args.workers), "--gallery", "0", *flags, *cells], log)
+
+
+def train_mix_csv(fold: str) -> str:
+    """FOLD/valid_train_mix.csv, written once: the held-out cells with the class they have too much of thinned at
+    random (seed 0) to the class shares of the fold's training cells. --adapt-bn re-estimates BatchNorm on the
+    batch it scores, so it is fair to it only on a batch with the class mix the network was trained on."""
+    path = os.path.join(fold, "valid_train_mix.csv")
+    if not os.path.isfile(path):
+        share = statistics.mean(read_csv(os.path.join(fold, "train.csv"), labelled=True)[1])  # of ALL
+        paths, labels = read_csv(os.path.join(fold, "valid.csv"), labelled=True)
+        cells = {c: [i for i, label in enumerate(labels) if label == c] for c in (0, 1)}
+        n_all = min(len(cells[1]), round(len(cells[0]) * share / (1 - share)))
+        n_hem = min(len(cells[0]), round(n_all * (1 - share) / share))
+        rng = random.Random(0)
+        kept = sorted(rng.sample(cells[0], n_hem) + rng.sample(cells[1], n_all))
+        write_csv_atomic(path, ["Path", "label"], [[paths[i], labels[i]] for i in kept])
+    return path
 
 
 def load_scores(name: str, results_dir: str) -> dict:

@@ -203,6 +203,26 @@ def test_fold_summary_gives_mean_worst_spread_and_subjects(tmp_path, capsys):
         folds.table(["r", "never-run"], str(tmp_path))
 
 
+@pytest.mark.parametrize("valid_labels, train_share, kept", [([1] * 4 + [0] * 4, 0.75, (1, 4)),  # hem thinned
+                                                             ([1] * 8 + [0] * 2, 0.5, (2, 2))])  # ALL thinned
+def test_train_mix_thins_the_held_out_cells_to_the_training_class_mix(tmp_path, valid_labels, train_share, kept):
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import folds
+
+    train = [1] * int(train_share * 8) + [0] * int((1 - train_share) * 8)
+    for split, labels in (("train", train), ("valid", valid_labels)):
+        rows = [f"./new_dataset/{split}/{i}.bmp,{label}" for i, label in enumerate(labels)]
+        (tmp_path / f"{split}.csv").write_text("\n".join(["Path,label", *rows]) + "\n")
+    path = folds.train_mix_csv(str(tmp_path))
+    assert path == str(tmp_path / "valid_train_mix.csv")
+    paths, labels = files.read_csv(path, labelled=True)
+    assert (labels.count(0), labels.count(1)) == kept
+    valid = dict(zip(*files.read_csv(str(tmp_path / "valid.csv"), labelled=True)))
+    assert all(valid[p] == label for p, label in zip(paths, labels)) and paths == sorted(paths, key=list(valid).index)
+    os.remove(path)
+    assert folds.train_mix_csv(str(tmp_path)) == path and files.read_csv(path, labelled=True)[0] == paths  # seeded
+
+
 def test_seed_ensemble_averages_each_cells_probability(tmp_path, capsys):
     sys.path.insert(0, os.path.join(ROOT, "experiments"))
     import folds
