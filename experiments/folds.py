@@ -47,7 +47,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=2, help="data-loading processes of evaluate.py (default: 2)")
     parser.add_argument("--table", action="store_true", help="print the Markdown table of the named recipes' scores, run nothing")
     parser.add_argument("--scorings", nargs="+", choices=list(SCORINGS), default=list(SCORINGS),
-                        help="the scorings --table shows (default: all four)")
+                        help="the scorings --table shows (default: all six)")
     return parser
 
 
@@ -79,8 +79,8 @@ def train_and_score(name: str, fold: str, seed: int, train_flags: list[str], arg
 
 def train_mix_csv(fold: str) -> str:
     """FOLD/valid_train_mix.csv, written once: the held-out cells with the class they have too much of thinned at
-    random (seed 0) to the class shares of the fold's training cells. --adapt-bn re-estimates BatchNorm on the
-    batch it scores, so it is fair to it only on a batch with the class mix the network was trained on."""
+    random (seed 0) to the class shares of the fold's training cells, those of every training batch unless a sampler
+    balances the classes. --adapt-bn re-estimates BatchNorm on the batch it scores, so this is the batch it assumes."""
     path = os.path.join(fold, "valid_train_mix.csv")
     if not os.path.isfile(path):
         share = statistics.mean(read_csv(os.path.join(fold, "train.csv"), labelled=True)[1])  # of ALL
