@@ -6,8 +6,8 @@
 
 For every fold (data/cnmc-folds/fold_*) and seed, train.py trains on the fold's train subjects into
 checkpoints/folds/NAME/fold_<k>-seed<s> (a finished run is skipped, an interrupted one resumed), and evaluate.py
-scores its last.pt on the fold's held-out subjects four ways: plain, --tta, --adapt-bn, and both; then plain and
-with --adapt-bn on the held-out cells thinned to the class mix of the fold's training cells (train-mix). Printed per
+scores its last.pt on the fold's held-out subjects six ways: plain, --tta, --adapt-bn, and both; and plain and with
+--adapt-bn on the held-out cells thinned to the class mix of the fold's training cells (train-mix). Printed per
 scoring: weighted F1, hem and ALL recall per fold (mean over seeds), the mean and the worst fold, the seed-to-seed
 spread of the fold mean, and the accuracy on each held-out subject.
 """
@@ -72,9 +72,9 @@ def train_and_score(name: str, fold: str, seed: int, train_flags: list[str], arg
              *train_flags], log)
     for scoring, flags in SCORINGS.items():
         if not os.path.isfile(os.path.join(args.results_dir, name, scoring, run_name, "metrics.json")):
-            cells = ["--csv", train_mix_csv(fold)] if scoring.startswith("train-mix") else []
+            scored_csv = ["--csv", train_mix_csv(fold)] if scoring.startswith("train-mix") else []
             run([sys.executable, "evaluate.py", "--checkpoint", last, "--out-dir", os.path.join(args.results_dir, name, scoring),
-                 "--workers", str(args.workers), "--gallery", "0", *flags, *cells], log)
+                 "--workers", str(args.workers), "--gallery", "0", *flags, *scored_csv], log)
 
 
 def train_mix_csv(fold: str) -> str:
