@@ -30,7 +30,7 @@ from cli import add_scoring_flags, non_negative_int, require, run_main  # noqa: 
 from dataloader import BatchTransform, Preprocess, RetinopathyLoader, decode_image  # noqa: E402
 from devices import keep_freed_memory, resolve_device  # noqa: E402
 from files import CLASSES, atomic_write, read_csv, save_figure, write_csv_atomic  # noqa: E402
-from inference import adapt_to_dataset, dataset_logits  # noqa: E402
+from inference import adapt_to_dataset, dataset_logits, warn_if_class_balanced  # noqa: E402
 from resnet import MODELS  # noqa: E402
 
 
@@ -207,6 +207,7 @@ def evaluate_run(checkpoint_path: str, args: argparse.Namespace, device: torch.d
     dataset = RetinopathyLoader(root, "valid" if args.csv else args.split, preprocess=preprocess, output="uint8", csv_path=args.csv)
     if args.adapt_bn:
         warn_if_one_class(dataset.label, dataset.csv_path)
+        warn_if_class_balanced(checkpoint, checkpoint_path)
         model = adapt_to_dataset(model, preprocess, dataset, device, args.batch_size, args.workers)
     logits = dataset_logits(model, preprocess, dataset, device, args.batch_size, args.workers, args.tta)
     prob_all = logits.softmax(1)[:, 1].numpy()

@@ -19,7 +19,7 @@ from cli import add_scoring_flags, run_main
 from dataloader import RetinopathyLoader, find_test_csv
 from devices import keep_freed_memory, resolve_device
 from files import TEST_CSVS, read_csv, write_csv_atomic
-from inference import adapt_to_dataset, dataset_logits
+from inference import adapt_to_dataset, dataset_logits, warn_if_class_balanced
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -66,6 +66,7 @@ def main(args: argparse.Namespace) -> int:
         model, preprocess = model_from_checkpoint(checkpoint, device)
         dataset = RetinopathyLoader(root, "test", preprocess=preprocess, output="uint8", csv_path=test_csv)
         if args.adapt_bn:
+            warn_if_class_balanced(checkpoint, path)
             model = adapt_to_dataset(model, preprocess, dataset, device, args.batch_size, args.workers)
         prob_all += dataset_logits(model, preprocess, dataset, device, args.batch_size, args.workers, args.tta).softmax(1)[:, 1]
         print(f"{path}: {checkpoint['model_name']}, epoch {checkpoint['epoch']}, best valid {checkpoint.get('metric', 'acc')} "

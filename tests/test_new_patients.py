@@ -212,6 +212,15 @@ def test_adapt_bn_warns_when_the_scored_set_is_mostly_one_class(capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_adapt_bn_warns_about_a_network_trained_with_class_balancing(capsys):
+    for balance in ("loss", "sampler", "subject"):
+        inference.warn_if_class_balanced({"args": {"class_balance": balance}}, "run/last.pt")
+        assert f"run/last.pt was trained with --class-balance {balance}" in capsys.readouterr().err
+    inference.warn_if_class_balanced({"args": {"class_balance": "none"}}, "run/last.pt")
+    inference.warn_if_class_balanced({}, "old/last.pt")
+    assert capsys.readouterr().err == ""
+
+
 def digest(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
@@ -225,9 +234,11 @@ def test_adapt_bn_scores_and_predicts_without_touching_the_checkpoints(trained_r
                                 "--tta", "--out-dir", str(tmp_path / "results"), *common], capture_output=True, text=True, timeout=300)
     assert evaluated.returncode == 0, evaluated.stderr
     assert '"adapt_bn": true' in (tmp_path / "results" / "a" / "metrics.json").read_text()
+    assert f"warning: {checkpoints[0]} was trained with --class-balance loss" in evaluated.stderr
     predicted = subprocess.run([sys.executable, os.path.join(ROOT, "predict.py"), "--checkpoint", *checkpoints, "--adapt-bn", "--tta",
                                 "--output", str(tmp_path / "sub.csv"), *common], capture_output=True, text=True, timeout=300)
     assert predicted.returncode == 0, predicted.stderr
+    assert all(f"warning: {c} was trained with --class-balance loss" in predicted.stderr for c in checkpoints)
     ids, _ = files.read_csv(os.path.join(demo_root, "resnet_18_test.csv"), labelled=False)
     with open(tmp_path / "sub.csv") as f:
         lines = f.read().splitlines()
