@@ -100,7 +100,7 @@ def get_args_parser(add_help: bool = True, suppress_defaults: bool = False) -> a
     add("--label-smoothing", type=float, default=None, help=f"cross-entropy label smoothing {recipe}")
     add("--class-balance", choices=["loss", "sampler", "subject", "none"], default=None,
         help="counter the 68/32 ALL/hem split: inverse-frequency loss weights, a class-balanced sampler, or one "
-             f"balanced by class and, within a class, by patient (C-NMC file names); none for cells you will score with "
+             "balanced by class and, within a class, by patient (C-NMC file names); none for cells you will score with "
              f"--adapt-bn {recipe}")
     add("--ema", type=float, default=None, help=f"decay of an exponential moving average of the weights, 0 for none {recipe}")
     add("--crop", type=non_negative_int, default=None, help=f"side of the centre square kept from each image, px; 0 keeps it whole {recipe}")
