@@ -90,9 +90,10 @@ def adapt_to_dataset(model: torch.nn.Module, preprocess: Preprocess, dataset: Da
 def warn_if_class_balanced(checkpoint: dict, path: str) -> None:
     """--adapt-bn assumes the scored cells hold the class mix of the training batches, which class weights and balanced
     samplers have moved: on the patient folds, adapting such networks at the training cells' class mix cost 0.02 to
-    0.15 weighted F1, and networks trained without balancing lost at most 0.02 (EXPERIMENTS.md)."""
+    0.15 weighted F1, and networks trained without balancing lost at most 0.02 (EXPERIMENTS.md). Balancing patients
+    within a class (subject-only) keeps the class mix."""
     balance = (checkpoint.get("args") or {}).get("class_balance")
-    if balance not in (None, "none"):
+    if balance not in (None, "none", "subject-only"):
         print(f"warning: {path} was trained with --class-balance {balance}, which --adapt-bn does not suit: on the patient "
               "folds it cost such networks 0.02 to 0.15 weighted F1. For cells you mean to adapt to, train with "
               "--class-balance none.", file=sys.stderr)

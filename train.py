@@ -98,10 +98,11 @@ def get_args_parser(add_help: bool = True, suppress_defaults: bool = False) -> a
     add("--warmup-epochs", type=float, default=None, help=f"linear warm-up epochs before the schedule {recipe}")
     add("--lr-step", type=positive_int, default=30, help="epochs between x0.1 decays with --scheduler step (default: 30)")
     add("--label-smoothing", type=float, default=None, help=f"cross-entropy label smoothing {recipe}")
-    add("--class-balance", choices=["loss", "sampler", "subject", "none"], default=None,
+    add("--class-balance", choices=["loss", "sampler", "subject", "subject-only", "none"], default=None,
         help="counter the 68/32 ALL/hem split: inverse-frequency loss weights, a class-balanced sampler, or one "
-             "balanced by class and, within a class, by patient (C-NMC file names); none for cells you will score with "
-             f"--adapt-bn {recipe}")
+             "balanced by class and, within a class, by patient (C-NMC file names); subject-only balances patients "
+             "within a class and keeps the classes' share, and none balances nothing: both for cells you will score "
+             f"with --adapt-bn {recipe}")
     add("--ema", type=float, default=None, help=f"decay of an exponential moving average of the weights, 0 for none {recipe}")
     add("--crop", type=non_negative_int, default=None, help=f"side of the centre square kept from each image, px; 0 keeps it whole {recipe}")
     add("--image-size", type=positive_int, default=None, help=f"side the crop is resized to, px; unset keeps the crop's side {recipe}")
@@ -250,9 +251,11 @@ def load_data(args: argparse.Namespace, preprocess: Preprocess, augment: Augment
     check_both_classes(train_set.label, train_set.csv_path)
     train_sampler = EpochBatchSampler(len(train_set), args.batch_size, shuffle=True, seed=args.seed,
                                             rank=rank, world_size=world_size, drop_last=True)
-    if args.class_balance in ("sampler", "subject"):
-        subjects = train_subjects(train_set.img_name, train_set.csv_path) if args.class_balance == "subject" else None
-        train_sampler = BalancedBatchSampler(train_set.label, train_sampler, subjects)
+    if args.class_balance in ("sampler", "subject", "subject-only"):
+        by_subject = args.class_balance.startswith("subject")
+        subjects = train_subjects(train_set.img_name, train_set.csv_path) if by_subject else None
+        train_sampler = BalancedBatchSampler(train_set.label, train_sampler, subjects,
+                                             keep_class_mix=args.class_balance == "subject-only")
     valid_sampler = EpochBatchSampler(len(valid_set), args.batch_size * 2, shuffle=False, rank=rank, world_size=world_size)
     run_sampler = RunBatchSampler(train_sampler, args.epochs)
     if args.cache == "none":
@@ -274,8 +277,8 @@ def train_subjects(paths: list[str], csv_path: str) -> list[str]:
         parsed = parse_cnmc_name(os.path.basename(path))
         if parsed is None:
             raise DataError(f"{csv_path}: {path} is not named like the C-NMC release (UID_<subject>_<image>_<cell>_"
-                            "<all|hem>.bmp), so its patient is unknown; --class-balance subject needs data imported "
-                            "with dataloader.py --import-cnmc. Use --class-balance loss or sampler for the course data.")
+                            "<all|hem>.bmp), so its patient is unknown; --class-balance subject and subject-only need "
+                            "data imported with dataloader.py --import-cnmc. Use --class-balance loss or sampler for the course data.")
         subjects.append(parsed[0])
     return subjects
 
@@ -291,10 +294,12 @@ class BalancedBatchSampler(EpochBatchSampler):
 
     With subjects, each class's share is split among its patients in proportion to the square root of their cell
     counts, so that one large patient does not make up a class on its own and a patient of one cell is not drawn
-    hundreds of times.
+    hundreds of times. With keep_class_mix, each class keeps its share of the training cells instead of half, so
+    the batches hold the class mix that --adapt-bn expects of the cells it scores.
     """
 
-    def __init__(self, labels: list[int], base: EpochBatchSampler, subjects: list[str] | None = None):
+    def __init__(self, labels: list[int], base: EpochBatchSampler, subjects: list[str] | None = None,
+                 keep_class_mix: bool = False):
         super().__init__(base.n, base.batch_size, True, base.seed, base.rank, base.world_size, base.drop_last)
         groups = subjects or [""] * len(labels)
         cells = Counter(zip(labels, groups))
@@ -302,7 +307,9 @@ class BalancedBatchSampler(EpochBatchSampler):
         per_class = Counter()
         for (label, _), m in mass.items():
             per_class[label] += m
-        self.weights = torch.tensor([mass[key] / cells[key] / per_class[key[0]] for key in zip(labels, groups)])
+        share = Counter(labels) if keep_class_mix else dict.fromkeys(per_class, 1)
+        self.weights = torch.tensor([mass[key] / cells[key] / per_class[key[0]] * share[key[0]]
+                                     for key in zip(labels, groups)])
 
     def indices(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)

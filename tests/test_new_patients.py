@@ -216,7 +216,8 @@ def test_adapt_bn_warns_about_a_network_trained_with_class_balancing(capsys):
     for balance in ("loss", "sampler", "subject"):
         inference.warn_if_class_balanced({"args": {"class_balance": balance}}, "run/last.pt")
         assert f"run/last.pt was trained with --class-balance {balance}" in capsys.readouterr().err
-    inference.warn_if_class_balanced({"args": {"class_balance": "none"}}, "run/last.pt")
+    for balance in ("none", "subject-only"):
+        inference.warn_if_class_balanced({"args": {"class_balance": balance}}, "run/last.pt")
     inference.warn_if_class_balanced({}, "old/last.pt")
     assert capsys.readouterr().err == ""
 

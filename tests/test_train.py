@@ -396,33 +396,36 @@ def test_epoch_sampler_shards_without_overlap_and_depends_only_on_epoch():
     assert sorted(sum(valid, [])) == list(range(7))
 
 
-@pytest.mark.parametrize("by_subject", [False, True])
-def test_balanced_sampler_draws_each_class_and_each_patient_as_often_as_it_should(by_subject):
+@pytest.mark.parametrize("mode", ["sampler", "subject", "subject-only"])
+def test_balanced_sampler_draws_each_class_and_each_patient_as_often_as_it_should(mode):
     # ALL: patient 51 with 90 cells, patient 2 with 9; hem: H10 with 40, H14 with 10.
     subjects = ["51"] * 90 + ["2"] * 9 + ["H10"] * 40 + ["H14"] * 10
     labels = [1] * 99 + [0] * 50
     base = batching.EpochBatchSampler(len(labels), 16, shuffle=True, seed=3, drop_last=True)
-    sampler = train.BalancedBatchSampler(labels, base, subjects if by_subject else None)
+    by_subject, keep_mix = mode != "sampler", mode == "subject-only"
+    sampler = train.BalancedBatchSampler(labels, base, subjects if by_subject else None, keep_class_mix=keep_mix)
     drawn = []
     for epoch in range(200):
         sampler.set_epoch(epoch)
         drawn += [subjects[i] for batch in sampler for i in batch]
     share = {s: drawn.count(s) / len(drawn) for s in set(subjects)}
-    if by_subject:  # each class half, split between its patients as the square roots of their cell counts
-        expected = {"51": 0.5 * 90**0.5 / (90**0.5 + 9**0.5), "2": 0.5 * 9**0.5 / (90**0.5 + 9**0.5),
-                    "H10": 0.5 * 40**0.5 / (40**0.5 + 10**0.5), "H14": 0.5 * 10**0.5 / (40**0.5 + 10**0.5)}
+    all_share, hem_share = (99 / 149, 50 / 149) if keep_mix else (0.5, 0.5)
+    if by_subject:  # each class's share split between its patients as the square roots of their cell counts
+        expected = {"51": all_share * 90**0.5 / (90**0.5 + 9**0.5), "2": all_share * 9**0.5 / (90**0.5 + 9**0.5),
+                    "H10": hem_share * 40**0.5 / (40**0.5 + 10**0.5), "H14": hem_share * 10**0.5 / (40**0.5 + 10**0.5)}
     else:  # each class half, its patients as their cell counts
         expected = {"51": 0.5 * 90 / 99, "2": 0.5 * 9 / 99, "H10": 0.5 * 40 / 50, "H14": 0.5 * 10 / 50}
     for s in subjects:
         assert share[s] == pytest.approx(expected[s], abs=0.01), s
-    again = train.BalancedBatchSampler(labels, base, subjects if by_subject else None)
+    again = train.BalancedBatchSampler(labels, base, subjects if by_subject else None, keep_class_mix=keep_mix)
     again.set_epoch(7)
     sampler.set_epoch(7)
     assert list(again) == list(sampler)
 
 
-def test_subject_balance_needs_release_file_names(demo_root, tmp_path):
-    result = run_train(demo_root, tmp_path / "runs", "--epochs", "1", "--class-balance", "subject", check=False)
+@pytest.mark.parametrize("mode", ["subject", "subject-only"])
+def test_subject_balance_needs_release_file_names(demo_root, tmp_path, mode):
+    result = run_train(demo_root, tmp_path / "runs", "--epochs", "1", "--class-balance", mode, check=False)
     assert result.returncode != 0
     assert "train.csv" in result.stderr and "--import-cnmc" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()
