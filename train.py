@@ -101,8 +101,7 @@ def get_args_parser(add_help: bool = True, suppress_defaults: bool = False) -> a
     add("--class-balance", choices=["loss", "sampler", "subject", "subject-only", "none"], default=None,
         help="counter the 68/32 ALL/hem split: inverse-frequency loss weights, a class-balanced sampler, or one "
              "balanced by class and, within a class, by patient (C-NMC file names); subject-only balances patients "
-             "within a class and keeps the classes' share, and none balances nothing: both for cells you will score "
-             f"with --adapt-bn {recipe}")
+             f"within a class and keeps the classes' share; none for cells you will score with --adapt-bn {recipe}")
     add("--ema", type=float, default=None, help=f"decay of an exponential moving average of the weights, 0 for none {recipe}")
     add("--crop", type=non_negative_int, default=None, help=f"side of the centre square kept from each image, px; 0 keeps it whole {recipe}")
     add("--image-size", type=positive_int, default=None, help=f"side the crop is resized to, px; unset keeps the crop's side {recipe}")
