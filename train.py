@@ -277,7 +277,8 @@ def train_subjects(paths: list[str], csv_path: str) -> list[str]:
         if parsed is None:
             raise DataError(f"{csv_path}: {path} is not named like the C-NMC release (UID_<subject>_<image>_<cell>_"
                             "<all|hem>.bmp), so its patient is unknown; --class-balance subject and subject-only need "
-                            "data imported with dataloader.py --import-cnmc. Use --class-balance loss or sampler for the course data.")
+                            "data imported with dataloader.py --import-cnmc. Use --class-balance loss or sampler for "
+                            "the course data.")
         subjects.append(parsed[0])
     return subjects
 
@@ -289,7 +290,8 @@ def augment_seed(args: argparse.Namespace, epoch: int, step: int) -> int:
 
 
 class BalancedBatchSampler(EpochBatchSampler):
-    """Like EpochBatchSampler, but draws each epoch's indices with replacement so both classes are equally likely.
+    """Like EpochBatchSampler, but draws each epoch's indices with replacement: both classes equally likely, unless
+    keep_class_mix.
 
     With subjects, each class's share is split among its patients in proportion to the square root of their cell
     counts, so that one large patient does not make up a class on its own and a patient of one cell is not drawn
