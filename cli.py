@@ -38,6 +38,14 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """An argparse type: a number of at least 0 (--mixup-alpha, where 0 turns it off)."""
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a number of at least 0")
+    return value
+
+
 def add_scoring_flags(parser: argparse.ArgumentParser) -> None:
     """The flags evaluate.py and predict.py share: how a checkpoint scores a set of images, and where."""
     parser.add_argument("--adapt-bn", action="store_true",

@@ -30,11 +30,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from sklearn.metrics import confusion_matrix, f1_score
+from torchvision.transforms import v2
 from tqdm import tqdm
 
 from batching import CachedBatches, EpochBatchSampler, EpochStream, RunBatchSampler, make_loader
 from checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from cli import non_negative_int, positive_int, require, run_main
+from cli import non_negative_float, non_negative_int, positive_int, require, run_main
 from dataloader import COLOR_NORMS, Augment, BatchTransform, Preprocess, RetinopathyLoader
 from datatools import parse_cnmc_name
 from devices import DEVICES, WORKERS, amp_dtype, autocast, device_name, keep_freed_memory, resolve_device
@@ -47,11 +48,13 @@ RECIPES = {
     "default": dict(epochs=100, batch_size=64, lr=0.05, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
                     scheduler="cosine", warmup_epochs=3, label_smoothing=0.1, class_balance="loss", ema=0.999,
                     crop=350, image_size=None, color_norm="dataset", hflip=True, vflip=True, rotation=180.0, scale_jitter=0.1,
-                    color_jitter=0.1, hed_jitter=0.2, hue_jitter=0.0, saturation_jitter=0.0, blur=0.0, noise=0.0),
+                    color_jitter=0.1, hed_jitter=0.2, hue_jitter=0.0, saturation_jitter=0.0, blur=0.0, noise=0.0,
+                    mixup_alpha=0.0, cutmix_alpha=0.0),
     "seed": dict(epochs=201, batch_size=64, lr=1e-4, optimizer="sgd", momentum=0.0, weight_decay=0.0,
                  scheduler="none", warmup_epochs=0, label_smoothing=0.0, class_balance="none", ema=0.0,
                  crop=None, image_size=None, color_norm="dataset", hflip=True, vflip=False, rotation=15.0, scale_jitter=0.0,
-                 color_jitter=0.0, hed_jitter=0.0, hue_jitter=0.0, saturation_jitter=0.0, blur=0.0, noise=0.0),
+                 color_jitter=0.0, hed_jitter=0.0, hue_jitter=0.0, saturation_jitter=0.0, blur=0.0, noise=0.0,
+                 mixup_alpha=0.0, cutmix_alpha=0.0),
 }
 SEED_RECIPE_PER_MODEL = {"resnet18": dict(batch_size=64, epochs=201), "resnet50": dict(batch_size=32, epochs=201),
                          "resnet152": dict(batch_size=32, epochs=31)}
@@ -60,7 +63,7 @@ DEMO = dict(model="resnet18", data_root=os.path.join("data", "demo"), run_name="
 RESUME_KEYS = ("optimizer", "scheduler", "scaler", "ema", "ema_updates", "history", "rng", "args", "best_metric", "best_epoch")
 # Flags that a run trained by an earlier train.py did not save, with the value that trained it.
 UNSAVED_BEFORE = {"color_norm": "dataset", "tensorboard": False, "hed_jitter": 0.0, "hue_jitter": 0.0, "saturation_jitter": 0.0,
-                  "blur": 0.0, "noise": 0.0}
+                  "blur": 0.0, "noise": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0}
 # Flags that may differ when a run is resumed; any other flag given with --resume must match the run.
 RESUMABLE = {"resume", "epochs", "lr", "workers", "device", "compile", "cache", "print_freq", "data_root", "output_dir", "run_name", "amp",
              "tensorboard"}
@@ -121,6 +124,10 @@ def get_args_parser(add_help: bool = True, suppress_defaults: bool = False) -> a
         help=f"random saturation factor in [1 - s, 1 + s], as torchvision's ColorJitter {recipe}")
     add("--blur", type=float, default=None, help=f"random Gaussian blur, sigma in [0, b] px of the input size {recipe}")
     add("--noise", type=float, default=None, help=f"random Gaussian pixel noise, std in [0, n] of the 0-255 range {recipe}")
+    add("--mixup-alpha", type=non_negative_float, default=None,
+        help=f"mix each train batch's images and labels with torchvision's MixUp, weight ~ Beta(a, a); 0 for none {recipe}")
+    add("--cutmix-alpha", type=non_negative_float, default=None,
+        help=f"paste a box of another image with torchvision's CutMix, Beta(a, a); with --mixup-alpha, one of the two per batch {recipe}")
     add("--best-metric", choices=["acc", "f1"], default="acc", help="what best.pt keeps the best of: valid accuracy or weighted F1 (default: acc)")
     add("--workers", type=non_negative_int, default=WORKERS, help="data-loading processes per GPU (default: min(8, cores))")
     add("--cache", choices=["none", "ram", "gpu"], default="none",
@@ -388,7 +395,9 @@ class CrossEntropy(torch.nn.Module):
     """torch.nn.CrossEntropyLoss(weight, label_smoothing), mean over the batch, without its host sync.
 
     With label smoothing PyTorch's mean goes through masked_select, whose output size makes the host wait for
-    the GPU at every step. Here each image's loss is summed and divided by the weight of its class instead.
+    the GPU at every step. Here each image's loss is summed and divided by the weight of its class instead. Mixed
+    labels (class probabilities, from MixUp or CutMix) are divided by their weight in the same way, so that mixing
+    leaves the loss's scale as it was; PyTorch divides those by the batch size.
     """
 
     def __init__(self, weight: torch.Tensor | None = None, label_smoothing: float = 0.0):
@@ -398,7 +407,17 @@ class CrossEntropy(torch.nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         losses = torch.nn.functional.cross_entropy(logits, target, weight=self.weight, label_smoothing=self.label_smoothing,
                                                    reduction="none")
-        return losses.mean() if self.weight is None else losses.sum() / self.weight[target].sum()
+        if self.weight is None:
+            return losses.mean()
+        return losses.sum() / (self.weight[target] if target.ndim == 1 else target @ self.weight).sum()
+
+
+def batch_mixing(args: argparse.Namespace):
+    """torchvision's MixUp and CutMix from --mixup-alpha and --cutmix-alpha, one of the two for each batch when both
+    are on, as in torchvision's reference scripts; None when both are 0."""
+    mixes = [v2.MixUp(alpha=args.mixup_alpha, num_classes=2)] if args.mixup_alpha else []
+    mixes += [v2.CutMix(alpha=args.cutmix_alpha, num_classes=2)] if args.cutmix_alpha else []
+    return v2.RandomChoice(mixes) if mixes else None
 
 
 def build_training(args: argparse.Namespace, device: torch.device, train_labels: list[int], steps_per_epoch: int):
@@ -428,6 +447,7 @@ def train_one_epoch(model, ema, batches, transform, optimizer, scheduler, scaler
     """Train for one epoch; returns loss, accuracy and images/s (None if stopped by a signal)."""
     model.train()
     generator = torch.Generator()
+    mixing = batch_mixing(args)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, steps, start = 0, len(batches), time.perf_counter()
@@ -436,11 +456,15 @@ def train_one_epoch(model, ema, batches, transform, optimizer, scheduler, scaler
     for step, (_, x, y) in enumerate(batches):
         x = x.to(device, non_blocking=True)
         x = transform(x, generator.manual_seed(augment_seed(args, epoch, step)))
-        y = y.to(device, non_blocking=True)
+        y = target = y.to(device, non_blocking=True)
+        if mixing is not None:
+            with torch.random.fork_rng(devices=[]):  # torchvision draws from the global generator: seeded as the batch
+                torch.manual_seed(augment_seed(args, epoch, step))
+                x, target = mixing(x, y)
         x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         with autocast(device, dtype):
             logits = model(x)
-            loss = criterion(logits.float(), y)
+            loss = criterion(logits.float(), target)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

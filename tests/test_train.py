@@ -114,7 +114,8 @@ def test_a_run_is_the_same_with_any_number_of_workers(demo_root, tmp_path):
 
 
 def test_finished_run_resumed_with_more_epochs_goes_on(demo_root, tmp_path):
-    flags = ["--deterministic", "--scheduler", "step", "--lr-step", "2", "--ema", "0"]
+    # with MixUp and CutMix, which draw from torch's global generator, reseeded for every batch
+    flags = ["--deterministic", "--scheduler", "step", "--lr-step", "2", "--ema", "0", "--mixup-alpha", "0.4", "--cutmix-alpha", "1"]
     run_train(demo_root, tmp_path, "--epochs", "3", *flags, "--run-name", "straight")
     run_train(demo_root, tmp_path, "--epochs", "2", *flags, "--run-name", "more")
     run_train(demo_root, tmp_path, "--epochs", "3", "--run-name", "more", "--resume")
@@ -375,6 +376,7 @@ def test_every_flag_has_help():
     (["--batch-size", "0"], "argument --batch-size: 0 is not a whole number of at least 1"),
     (["--print-freq", "0"], "argument --print-freq: 0 is not a whole number of at least 1"),
     (["--hue-jitter", "0.6"], "argument --hue-jitter: 0.6 is not between 0 and 0.5"),
+    (["--mixup-alpha", "-1"], "argument --mixup-alpha: -1.0 is not a number of at least 0"),
 ])
 def test_values_out_of_range_are_refused_by_the_flag_parser(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -558,6 +560,31 @@ def test_loss_matches_pytorchs_cross_entropy(weight, smoothing):
     theirs = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=smoothing)(logits, target)
     torch.testing.assert_close(ours, theirs)
     torch.testing.assert_close(*(torch.autograd.grad(loss, logits)[0] for loss in (ours, theirs)))
+
+
+@pytest.mark.parametrize("weight", [None, torch.tensor([2.5, 0.625])])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_loss_of_mixed_labels_is_pytorchs_divided_by_their_weight(weight, smoothing):
+    torch.manual_seed(0)
+    logits, target = torch.randn(16, 2), torch.randint(0, 2, (16,))
+    loss = train.CrossEntropy(weight, smoothing)
+    torch.testing.assert_close(loss(logits, torch.nn.functional.one_hot(target, 2).float()), loss(logits, target))
+    mixed = torch.distributions.Dirichlet(torch.ones(2)).sample((16,))
+    total = torch.nn.functional.cross_entropy(logits, mixed, weight=weight, label_smoothing=smoothing, reduction="sum")
+    torch.testing.assert_close(loss(logits, mixed), total / (16 if weight is None else (mixed @ weight).sum()))
+
+
+def test_mixup_blends_each_image_with_the_next_and_their_labels_alike():
+    args = train.parse_args(["--mixup-alpha", "0.4"])
+    x, y = torch.rand(8, 3, 16, 16), torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
+    torch.manual_seed(1)
+    mixed, target = train.batch_mixing(args)(x, y)
+    lam = target[0, 0].item()  # image 0 (hem) is blended with image 7 (ALL)
+    assert 0 < lam < 1
+    torch.testing.assert_close(mixed, lam * x + (1 - lam) * x.roll(1, 0))
+    one_hot = torch.nn.functional.one_hot(y, 2).float()
+    torch.testing.assert_close(target, lam * one_hot + (1 - lam) * one_hot.roll(1, 0))
+    assert train.batch_mixing(train.parse_args([])) is None
 
 
 def test_ema_tracks_weights_and_batchnorm_statistics():
