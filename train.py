@@ -412,7 +412,7 @@ class CrossEntropy(torch.nn.Module):
         return losses.sum() / (self.weight[target] if target.ndim == 1 else target @ self.weight).sum()
 
 
-def batch_mixing(args: argparse.Namespace):
+def batch_mixing(args: argparse.Namespace) -> v2.Transform | None:
     """torchvision's MixUp and CutMix from --mixup-alpha and --cutmix-alpha, one of the two for each batch when both
     are on, as in torchvision's reference scripts; None when both are 0."""
     mixes = [v2.MixUp(alpha=args.mixup_alpha, num_classes=2)] if args.mixup_alpha else []
