@@ -29,8 +29,6 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-from sklearn.metrics import confusion_matrix, f1_score
-from torchvision.transforms import v2
 from tqdm import tqdm
 
 from batching import CachedBatches, EpochBatchSampler, EpochStream, RunBatchSampler, make_loader
@@ -412,12 +410,16 @@ class CrossEntropy(torch.nn.Module):
         return losses.sum() / (self.weight[target] if target.ndim == 1 else target @ self.weight).sum()
 
 
-def batch_mixing(args: argparse.Namespace) -> v2.Transform | None:
+def batch_mixing(args: argparse.Namespace) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
     """torchvision's MixUp and CutMix from --mixup-alpha and --cutmix-alpha, one of the two for each batch when both
     are on, as in torchvision's reference scripts; None when both are 0."""
+    if not (args.mixup_alpha or args.cutmix_alpha):
+        return None
+    from torchvision.transforms import v2  # imported only when used: importing torchvision adds seconds to every start
+
     mixes = [v2.MixUp(alpha=args.mixup_alpha, num_classes=2)] if args.mixup_alpha else []
     mixes += [v2.CutMix(alpha=args.cutmix_alpha, num_classes=2)] if args.cutmix_alpha else []
-    return v2.RandomChoice(mixes) if mixes else None
+    return v2.RandomChoice(mixes)
 
 
 def build_training(args: argparse.Namespace, device: torch.device, train_labels: list[int], steps_per_epoch: int):
@@ -502,6 +504,8 @@ def train_one_epoch(model, ema, batches, transform, optimizer, scheduler, scaler
 
 def evaluate(model, batches, transform, criterion, labels: list[int], args, device, dtype, channels_last) -> dict:
     """Valid loss, accuracy and weighted F1 over exactly the valid images, gathered from every process."""
+    from sklearn.metrics import confusion_matrix, f1_score  # here, not at the top: it adds seconds to every start
+
     index, logits = predict_logits(model, batches, transform, device, dtype, channels_last)
     if args.world_size > 1:
         gathered = [None] * args.world_size
