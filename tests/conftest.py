@@ -1,4 +1,8 @@
+import contextlib
+import io
 import os
+import runpy
+import subprocess
 import sys
 
 import pytest
@@ -25,9 +29,29 @@ def shared_path(*parts: str) -> str:
     return path
 
 
-def train_run(demo_root: str, out: str, name: str, *extra: str) -> str:
-    import subprocess
+def run_script(script: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
+    """`python <script> <args>` run in this process, its `__main__` block and all: what subprocess.run returns, without
+    a new interpreter importing torch, which takes most of a short script's time. For scripts that end where they
+    started (evaluate.py, predict.py, plot.py, train.py stopping at a bad flag), not for training itself."""
+    out, err = io.StringIO(), io.StringIO()
+    argv, here = sys.argv, os.getcwd()
+    sys.argv = [script, *args]
+    try:
+        os.chdir(cwd or here)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+        code = 0
+    except SystemExit as e:  # as the interpreter ends: a message is printed and means status 1
+        if isinstance(e.code, str):
+            err.write(e.code + "\n")
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    finally:
+        sys.argv = argv
+        os.chdir(here)
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
+
+def train_run(demo_root: str, out: str, name: str, *extra: str) -> str:
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data-root", demo_root, "--output-dir", out, "--run-name", name,
            "--image-size", "32", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--epochs", "2", *extra]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

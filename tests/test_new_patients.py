@@ -3,8 +3,6 @@ augmentation, and BatchNorm adapted to the images being scored (evaluate.py and 
 import hashlib
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ import dataloader
 import evaluate
 import files
 import inference
-from conftest import ROOT
+from conftest import run_script
 from resnet import build_model
 
 nn = torch.nn
@@ -231,13 +229,13 @@ def test_adapt_bn_scores_and_predicts_without_touching_the_checkpoints(trained_r
     checkpoints = [os.path.join(run, "best.pt") for run in trained_runs]
     before = [digest(c) for c in checkpoints]
     common = ["--device", "cpu", "--workers", "0"]
-    evaluated = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--checkpoint", checkpoints[0], "--adapt-bn",
-                                "--tta", "--out-dir", str(tmp_path / "results"), *common], capture_output=True, text=True, timeout=300)
+    evaluated = run_script("evaluate.py", "--checkpoint", checkpoints[0], "--adapt-bn", "--tta", "--out-dir",
+                           str(tmp_path / "results"), *common)
     assert evaluated.returncode == 0, evaluated.stderr
     assert '"adapt_bn": true' in (tmp_path / "results" / "a" / "metrics.json").read_text()
     assert f"warning: {checkpoints[0]} was trained with --class-balance loss" in evaluated.stderr
-    predicted = subprocess.run([sys.executable, os.path.join(ROOT, "predict.py"), "--checkpoint", *checkpoints, "--adapt-bn", "--tta",
-                                "--output", str(tmp_path / "sub.csv"), *common], capture_output=True, text=True, timeout=300)
+    predicted = run_script("predict.py", "--checkpoint", *checkpoints, "--adapt-bn", "--tta", "--output", str(tmp_path / "sub.csv"),
+                           *common)
     assert predicted.returncode == 0, predicted.stderr
     assert all(f"warning: {c} was trained with --class-balance loss" in predicted.stderr for c in checkpoints)
     ids, _ = files.read_csv(os.path.join(demo_root, "resnet_18_test.csv"), labelled=False)

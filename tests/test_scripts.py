@@ -12,12 +12,12 @@ from PIL import Image
 from sklearn import metrics as skm
 
 import files
-from conftest import ROOT, shared_path
+from conftest import ROOT, run_script, shared_path
 
 
 def run(script, *args, cwd=None):
     on_cpu = [] if script == "plot.py" else ["--device", "cpu", "--workers", "0"]
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args, *on_cpu], capture_output=True, text=True, timeout=300, cwd=cwd)
+    return run_script(script, *args, *on_cpu, cwd=cwd)
 
 
 def rows(path):

@@ -17,7 +17,7 @@ import checkpoints
 import devices
 import files
 import train
-from conftest import ROOT, train_run
+from conftest import ROOT, run_script, train_run
 from resnet import build_model
 
 TINY = ["--image-size", "32", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--print-freq", "2"]
@@ -106,11 +106,11 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(demo_root, tmp_path):
     assert_same_history(read_history(tmp_path / "straight" / "history.csv"), read_history(tmp_path / "killed" / "history.csv"))
 
 
-def test_a_run_is_the_same_with_any_number_of_workers(demo_root, tmp_path):
-    run_train(demo_root, tmp_path, "--epochs", "2", "--run-name", "here")  # --workers 0: decoded in the training process
-    run_train(demo_root, tmp_path, "--epochs", "2", "--run-name", "workers", "--workers", "2")
-    assert_same_history(read_history(tmp_path / "here" / "history.csv"), read_history(tmp_path / "workers" / "history.csv"))
-    assert_same_weights(weights(tmp_path / "here" / "last.pt"), weights(tmp_path / "workers" / "last.pt"))
+def test_a_run_is_the_same_with_any_number_of_workers(trained_runs, demo_root, tmp_path):
+    here = trained_runs[0]  # --workers 0: decoded in the training process
+    workers = train_run(demo_root, str(tmp_path), "workers", "--workers", "2")  # the same flags otherwise
+    assert_same_history(read_history(os.path.join(here, "history.csv")), read_history(os.path.join(workers, "history.csv")))
+    assert_same_weights(weights(os.path.join(here, "last.pt")), weights(os.path.join(workers, "last.pt")))
 
 
 def test_finished_run_resumed_with_more_epochs_goes_on(demo_root, tmp_path):
@@ -156,6 +156,11 @@ def test_a_signal_in_the_first_epoch_says_to_start_again_not_to_resume(demo_root
     run_train(demo_root, tmp_path, "--epochs", "1", "--run-name", "early")  # the same run starts again
 
 
+def refused(demo_root, out, *extra):
+    """train.py with flags it refuses while reading them, before any work: run in this process (run_script)."""
+    return run_script("train.py", "--data-root", demo_root, "--output-dir", str(out), *TINY, *extra)
+
+
 def test_bad_resume_inputs_get_clear_errors(demo_root, tmp_path):
     result = run_train(demo_root, tmp_path, "--run-name", "nothing", "--resume", check=False)
     assert result.returncode == 1 and "no such checkpoint" in result.stderr
@@ -165,22 +170,22 @@ def test_bad_resume_inputs_get_clear_errors(demo_root, tmp_path):
     result = run_train(demo_root, tmp_path, "--epochs", "1", "--run-name", "r18", "--lr", "0.1", check=False)
     assert result.returncode == 1 and "r18 holds an earlier run" in result.stderr and "--run-name r18" in result.stderr
     assert {f: (tmp_path / "r18" / f).read_bytes() for f in before} == before
-    result = run_train(demo_root, tmp_path, "--model", "resnet50", "--run-name", "r18", "--resume", check=False)
+    result = refused(demo_root, tmp_path, "--model", "resnet50", "--run-name", "r18", "--resume")
     assert result.returncode == 1 and "is a resnet18 run, not resnet50" in result.stderr
-    result = run_train(demo_root, tmp_path, "--run-name", "r18", "--resume", "--optimizer", "adam", check=False)
+    result = refused(demo_root, tmp_path, "--run-name", "r18", "--resume", "--optimizer", "adam")
     assert result.returncode == 1 and "--optimizer sgd" in result.stderr and "cannot change on resume" in result.stderr
 
     partial = torch.load(tmp_path / "r18" / "last.pt", weights_only=True)
     del partial["optimizer"]
     torch.save(partial, tmp_path / "partial.pt")
-    result = run_train(demo_root, tmp_path, "--resume", str(tmp_path / "partial.pt"), check=False)
+    result = refused(demo_root, tmp_path, "--resume", str(tmp_path / "partial.pt"))
     assert result.returncode == 1 and "lacks optimizer: it can be evaluated, not resumed" in result.stderr
 
     torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "bare.pt")
-    result = run_train(demo_root, tmp_path, "--resume", str(tmp_path / "bare.pt"), check=False)
+    result = refused(demo_root, tmp_path, "--resume", str(tmp_path / "bare.pt"))
     assert result.returncode == 1 and "not a checkpoint written by train.py" in result.stderr
     (tmp_path / "broken.pt").write_bytes(b"\x00" * 100)
-    result = run_train(demo_root, tmp_path, "--resume", str(tmp_path / "broken.pt"), check=False)
+    result = refused(demo_root, tmp_path, "--resume", str(tmp_path / "broken.pt"))
     assert result.returncode == 1 and "broken.pt: not a readable PyTorch checkpoint" in result.stderr
 
 
