@@ -30,9 +30,9 @@ def shared_path(*parts: str) -> str:
 
 
 def run_script(script: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
-    """`python <script> <args>` run in this process, its `__main__` block and all: what subprocess.run returns, without
-    a new interpreter importing torch, which takes most of a short script's time. For scripts that end where they
-    started (evaluate.py, predict.py, plot.py, train.py stopping at a bad flag), not for training itself."""
+    """`python <script> <args>` run in this process, its `__main__` block and all, returning what subprocess.run would:
+    a new interpreter spends most of a short script's time importing torch. For scripts that leave the process as they
+    found it (evaluate.py, predict.py, plot.py, train.py refusing its flags), not for training, which seeds torch."""
     out, err = io.StringIO(), io.StringIO()
     argv, here = sys.argv, os.getcwd()
     sys.argv = [script, *args]
@@ -41,7 +41,7 @@ def run_script(script: str, *args: str, cwd=None) -> subprocess.CompletedProcess
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
         code = 0
-    except SystemExit as e:  # as the interpreter ends: a message is printed and means status 1
+    except SystemExit as e:  # as the interpreter does: sys.exit(message) prints it and means status 1
         if isinstance(e.code, str):
             err.write(e.code + "\n")
         code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
