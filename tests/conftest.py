@@ -52,15 +52,19 @@ def run_script(script: str, *args: str, cwd=None) -> subprocess.CompletedProcess
 
 
 def train_run(demo_root: str, out: str, name: str, *extra: str) -> str:
+    """The run folder out/<name> of a tiny train.py run; what it printed is kept beside it, in out/<name>.stdout."""
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data-root", demo_root, "--output-dir", out, "--run-name", name,
            "--image-size", "32", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--epochs", "2", *extra]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+    with open(os.path.join(out, name + ".stdout"), "w") as f:
+        f.write(result.stdout)
     return os.path.join(out, name)
 
 
 @pytest.fixture(scope="session")
 def trained_runs(demo_root, tmp_path_factory) -> list[str]:
-    """Two finished tiny runs of the demo data: checkpoints/a (resnet18) and checkpoints/b (resnet18, other seed)."""
+    """Two finished tiny runs of the demo data, 2 epochs each: checkpoints/a (resnet18) and checkpoints/b (resnet18,
+    another seed, no EMA, TensorBoard logs)."""
     out = str(tmp_path_factory.mktemp("checkpoints"))
-    return [train_run(demo_root, out, "a"), train_run(demo_root, out, "b", "--seed", "7", "--ema", "0")]
+    return [train_run(demo_root, out, "a"), train_run(demo_root, out, "b", "--seed", "7", "--ema", "0", "--tensorboard")]

@@ -10,7 +10,7 @@ from conftest import ROOT
 def test_benchmark_writes_its_figures(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, os.path.join(ROOT, "benchmark.py"), "--device", "cpu", "--data-root", str(tmp_path / "data"),
-           "--image-size", "32", "--batch-size", "4", "--steps", "1", "--images", "24", "--workers", "1", "--rounds", "2",
+           "--image-size", "32", "--batch-size", "4", "--steps", "1", "--images", "24", "--workers", "1", "--rounds", "2", "--epochs", "1",
            "--json", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -49,7 +49,7 @@ def test_cuda_section_runs_and_its_figures_add_up(demo_root, tmp_path):
 
     out = {"epoch": {"model": "resnet18", "report_images_per_s": 4.0,
                      "ours": {"data_wait_share": 0.02, "host_syncs": 3, "steps": 12, "compiled": True, "images_per_s": 10.0}}}
-    cfg = dict(models=["resnet18", "resnet152"], crop=None, image_size=32, batch_size=4, steps=1, epochs=2)
+    cfg = dict(models=["resnet18", "resnet152"], crop=None, image_size=32, batch_size=4, steps=1, epochs=1)
     args = argparse.Namespace(peak_tflops=0.5, skip_compile=True, workers=0, json=str(tmp_path / "gpu.json"))
     summary = benchmark.cuda_figures(out, demo_root, cfg, args, torch.device("cpu"), None)
 
