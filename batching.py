@@ -1,8 +1,11 @@
-"""Batches of uint8 images: which indices each epoch and process takes, the loader that decodes them, and a decoded cache."""
+"""Batches of uint8 images: which indices each epoch and process takes (shuffled, or drawn balanced by class and
+patient), the loader that decodes them, and a decoded cache."""
 from __future__ import annotations
 
 import itertools
+import math
 import signal
+from collections import Counter
 from typing import Iterable, Iterator
 
 import torch
@@ -42,6 +45,35 @@ class EpochBatchSampler(Sampler):
     def __len__(self) -> int:
         n = len(self.indices())
         return n // self.batch_size if self.drop_last and n >= self.batch_size else -(-n // self.batch_size)
+
+
+class BalancedBatchSampler(EpochBatchSampler):
+    """Like EpochBatchSampler, but draws each epoch's indices with replacement: both classes equally likely, unless
+    keep_class_mix.
+
+    With subjects, each class's share is split among its patients in proportion to the square root of their cell
+    counts, so that one large patient does not make up a class on its own and a patient of one cell is not drawn
+    hundreds of times. With keep_class_mix, each class keeps its share of the training cells instead of half, so
+    the batches hold the class mix that --adapt-bn expects of the cells it scores.
+    """
+
+    def __init__(self, labels: list[int], base: EpochBatchSampler, subjects: list[str] | None = None,
+                 keep_class_mix: bool = False):
+        super().__init__(base.n, base.batch_size, True, base.seed, base.rank, base.world_size, base.drop_last)
+        groups = subjects or [""] * len(labels)
+        cells = Counter(zip(labels, groups))
+        mass = {key: math.sqrt(n) if subjects else n for key, n in cells.items()}
+        per_class = Counter()
+        for (label, _), m in mass.items():
+            per_class[label] += m
+        share = Counter(labels) if keep_class_mix else dict.fromkeys(per_class, 1)
+        self.weights = torch.tensor([mass[key] / cells[key] / per_class[key[0]] * share[key[0]]
+                                     for key in zip(labels, groups)])
+
+    def indices(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.multinomial(self.weights, self.n, replacement=True, generator=g).tolist()
+        return order[self.rank :: self.world_size]
 
 
 class RunBatchSampler(Sampler):

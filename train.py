@@ -23,7 +23,6 @@ import random
 import signal
 import sys
 import time
-from collections import Counter
 from typing import Callable
 
 import numpy as np
@@ -31,7 +30,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from batching import CachedBatches, EpochBatchSampler, EpochStream, RunBatchSampler, make_loader
+from batching import BalancedBatchSampler, CachedBatches, EpochBatchSampler, EpochStream, RunBatchSampler, make_loader
 from checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from cli import non_negative_float, non_negative_int, positive_int, require, run_main
 from dataloader import COLOR_NORMS, Augment, BatchTransform, Preprocess, RetinopathyLoader
@@ -292,35 +291,6 @@ def augment_seed(args: argparse.Namespace, epoch: int, step: int) -> int:
     """The seed of the random augmentation of a train batch: the batch's place in the run (and the process's rank)
     sets it, so a resumed run draws the same as one that never stopped."""
     return (args.seed * 1_000_003 + epoch * 1_009 + args.rank) * 100_003 + step
-
-
-class BalancedBatchSampler(EpochBatchSampler):
-    """Like EpochBatchSampler, but draws each epoch's indices with replacement: both classes equally likely, unless
-    keep_class_mix.
-
-    With subjects, each class's share is split among its patients in proportion to the square root of their cell
-    counts, so that one large patient does not make up a class on its own and a patient of one cell is not drawn
-    hundreds of times. With keep_class_mix, each class keeps its share of the training cells instead of half, so
-    the batches hold the class mix that --adapt-bn expects of the cells it scores.
-    """
-
-    def __init__(self, labels: list[int], base: EpochBatchSampler, subjects: list[str] | None = None,
-                 keep_class_mix: bool = False):
-        super().__init__(base.n, base.batch_size, True, base.seed, base.rank, base.world_size, base.drop_last)
-        groups = subjects or [""] * len(labels)
-        cells = Counter(zip(labels, groups))
-        mass = {key: math.sqrt(n) if subjects else n for key, n in cells.items()}
-        per_class = Counter()
-        for (label, _), m in mass.items():
-            per_class[label] += m
-        share = Counter(labels) if keep_class_mix else dict.fromkeys(per_class, 1)
-        self.weights = torch.tensor([mass[key] / cells[key] / per_class[key[0]] * share[key[0]]
-                                     for key in zip(labels, groups)])
-
-    def indices(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.multinomial(self.weights, self.n, replacement=True, generator=g).tolist()
-        return order[self.rank :: self.world_size]
 
 
 def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:

@@ -407,7 +407,7 @@ def test_balanced_sampler_draws_each_class_and_each_patient_as_often_as_it_shoul
     labels = [1] * 99 + [0] * 50
     base = batching.EpochBatchSampler(len(labels), 16, shuffle=True, seed=3, drop_last=True)
     by_subject, keep_mix = mode != "sampler", mode == "subject-only"
-    sampler = train.BalancedBatchSampler(labels, base, subjects if by_subject else None, keep_class_mix=keep_mix)
+    sampler = batching.BalancedBatchSampler(labels, base, subjects if by_subject else None, keep_class_mix=keep_mix)
     drawn = []
     for epoch in range(200):
         sampler.set_epoch(epoch)
@@ -421,7 +421,7 @@ def test_balanced_sampler_draws_each_class_and_each_patient_as_often_as_it_shoul
         expected = {"51": 0.5 * 90 / 99, "2": 0.5 * 9 / 99, "H10": 0.5 * 40 / 50, "H14": 0.5 * 10 / 50}
     for s in subjects:
         assert share[s] == pytest.approx(expected[s], abs=0.01), s
-    again = train.BalancedBatchSampler(labels, base, subjects if by_subject else None, keep_class_mix=keep_mix)
+    again = batching.BalancedBatchSampler(labels, base, subjects if by_subject else None, keep_class_mix=keep_mix)
     again.set_epoch(7)
     sampler.set_epoch(7)
     assert list(again) == list(sampler)
