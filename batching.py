@@ -33,7 +33,8 @@ class EpochBatchSampler(Sampler):
         if not self.shuffle:
             return list(range(self.rank, self.n, self.world_size))
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        order += order[: (-len(order)) % self.world_size]
+        pad = (-len(order)) % self.world_size
+        order += (order * (pad // len(order) + 1))[:pad]  # repeated as often as it takes, as DistributedSampler does
         return order[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -72,7 +73,8 @@ class BalancedBatchSampler(EpochBatchSampler):
 
     def indices(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.multinomial(self.weights, self.n, replacement=True, generator=g).tolist()
+        draws = -(-self.n // self.world_size) * self.world_size  # as many for every rank, so none waits on a batch more
+        order = torch.multinomial(self.weights, draws, replacement=True, generator=g).tolist()
         return order[self.rank :: self.world_size]
 
 

@@ -400,6 +400,19 @@ def test_epoch_sampler_shards_without_overlap_and_depends_only_on_epoch():
     assert sorted(sum(valid, [])) == list(range(7))
 
 
+@pytest.mark.parametrize("balanced", [False, True])
+def test_every_rank_takes_as_many_train_batches(balanced):
+    # Under DDP a rank with one batch more than the others waits for them at its all-reduce for ever.
+    for n in range(1, 60):
+        counts = set()
+        for rank in range(3):
+            sampler = batching.EpochBatchSampler(n, 4, shuffle=True, seed=2, rank=rank, world_size=3, drop_last=True)
+            if balanced:
+                sampler = batching.BalancedBatchSampler([i % 2 for i in range(n)], sampler)
+            counts.add((len(sampler), len(list(sampler))))
+        assert len(counts) == 1, (n, counts)
+
+
 @pytest.mark.parametrize("mode", ["sampler", "subject", "subject-only"])
 def test_balanced_sampler_draws_each_class_and_each_patient_as_often_as_it_should(mode):
     # ALL: patient 51 with 90 cells, patient 2 with 9; hem: H10 with 40, H14 with 10.
