@@ -263,6 +263,9 @@ def place(src: str, dst: str) -> None:
 
 def import_cnmc(src: str, out: str, split: str = "subject", valid_frac: float = 0.2, test_frac: float = 0.2, seed: int = 0) -> dict:
     """Write the release at src in the course layout under out; returns {path: split}."""
+    if not (0 <= valid_frac and 0 <= test_frac and valid_frac + test_frac < 1):
+        raise DataError(f"--valid-frac {valid_frac} and --test-frac {test_frac}: each is a share of the cells, at least 0, "
+                        "and the two must leave some for train (add up to less than 1)")
     cells = read_release(src, out)
     fractions = {"train": 1 - valid_frac - test_frac, "valid": valid_frac, "test": test_frac}
     if split == "subject":

@@ -164,6 +164,13 @@ def test_folds_need_at_least_two(release, tmp_path):
         datatools.import_folds(release, str(tmp_path / "out"), 1)
 
 
+@pytest.mark.parametrize("valid_frac, test_frac", [(0.5, 0.5), (0.7, 0.4), (-0.1, 0.2)])
+def test_split_shares_must_leave_cells_for_train(release, tmp_path, valid_frac, test_frac):
+    with pytest.raises(files.DataError, match="must leave some for train"):
+        datatools.import_cnmc(release, str(tmp_path / "out"), valid_frac=valid_frac, test_frac=test_frac)
+    assert not (tmp_path / "out").exists()
+
+
 def test_real_cells_in_folds_hold_out_each_large_subject(tmp_path):
     cnmc = shared_path("cnmc")
     held_out = datatools.import_folds(cnmc, str(tmp_path / "out"), 3)
