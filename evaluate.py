@@ -7,7 +7,8 @@
     python evaluate.py --adapt-bn                        BatchNorm statistics re-estimated on the scored images first
     python evaluate.py --cam                             also cam.png: Grad-CAM heat maps of errors and right calls
 
-Each run gets results/<run-name>/: metrics.json, predictions.csv, confusion_matrix.png, roc.png, errors.png (and cam.png).
+Each run gets results/<run-name>/ (<run-name>-last/ and -best/ when both of its checkpoints are scored at once): metrics.json,
+predictions.csv, confusion_matrix.png, roc.png, errors.png (and cam.png).
 Several runs also get results/comparison.md and .csv. Preprocessing comes from the checkpoint: no flag repeats it.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
-from checkpoints import checkpoint_data_root, find_runs, load_checkpoint, model_from_checkpoint, run_name_of  # noqa: E402
+from checkpoints import CheckpointError, checkpoint_data_root, find_runs, load_checkpoint, model_from_checkpoint, run_name_of  # noqa: E402
 from cli import add_scoring_flags, non_negative_int, require, run_main  # noqa: E402
 from dataloader import BatchTransform, Preprocess, RetinopathyLoader, decode_image  # noqa: E402
 from devices import keep_freed_memory, resolve_device  # noqa: E402
@@ -199,7 +200,20 @@ def warn_if_one_class(labels: list[int], csv_path: str, share: float = 0.9) -> N
               "on one class, which can cost more than it corrects. Adapt to a batch that holds both classes.", file=sys.stderr)
 
 
-def evaluate_run(checkpoint_path: str, args: argparse.Namespace, device: torch.device) -> dict:
+def results_names(checkpoint_paths: list[str]) -> list[str]:
+    """The folder under --out-dir of each checkpoint: its run's name, and the file's too (cnmc-r18-last, cnmc-r18-best)
+    where one command evaluates several checkpoints of a run, so that none overwrites another's results."""
+    runs = [run_name_of(p) for p in checkpoint_paths]
+    names = [f"{r}-{os.path.splitext(os.path.basename(p))[0]}" if runs.count(r) > 1 else r for r, p in zip(runs, checkpoint_paths)]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise CheckpointError(f"several checkpoints would write their results to {', '.join(clashes)} under the same --out-dir: "
+                              "evaluate them one at a time, each with its own --out-dir")
+    return names
+
+
+def evaluate_run(checkpoint_path: str, run: str, args: argparse.Namespace, device: torch.device) -> dict:
+    """Score one checkpoint and write its metrics, predictions and figures to --out-dir/<run>/."""
     checkpoint = load_checkpoint(checkpoint_path)
     model, preprocess = model_from_checkpoint(checkpoint, device)
     root = checkpoint_data_root(checkpoint, args.data_root)
@@ -212,7 +226,6 @@ def evaluate_run(checkpoint_path: str, args: argparse.Namespace, device: torch.d
     logits = dataset_logits(model, preprocess, dataset, device, args.batch_size, args.workers, args.tta)
     prob_all = logits.softmax(1)[:, 1].numpy()
     labels = np.asarray(dataset.label)
-    run = run_name_of(checkpoint_path)
     out = os.path.join(args.out_dir, run)
     os.makedirs(out, exist_ok=True)
 
@@ -282,7 +295,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: no run with a best.pt under {args.checkpoints_dir}/{' for ' + args.model if args.model else ''}; "
               "train one first (python train.py --demo) or pass --checkpoint", file=sys.stderr)
         return 1
-    results = [evaluate_run(path, args, device) for path in checkpoints]
+    results = [evaluate_run(path, run, args, device) for path, run in zip(checkpoints, results_names(checkpoints))]
     if len(results) > 1:
         write_comparison(results, args.out_dir)
     return 0

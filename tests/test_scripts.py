@@ -77,6 +77,21 @@ def test_evaluate_every_run_writes_a_comparison(trained_runs, tmp_path):
     assert (tmp_path / "comparison.md").read_text().count("| resnet18 |") == 2
 
 
+def test_evaluate_keeps_the_results_of_each_checkpoint_of_one_run(trained_runs, tmp_path):
+    last, best = (os.path.join(trained_runs[0], name) for name in ("last.pt", "best.pt"))
+    result = run("evaluate.py", "--checkpoint", last, best, "--out-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    for name, path in (("a-last", last), ("a-best", best)):
+        assert json.loads((tmp_path / name / "metrics.json").read_text())["checkpoint"] == path
+    assert [r[0] for r in rows(tmp_path / "comparison.csv")[1:]] == ["a-last", "a-best"]
+    assert not (tmp_path / "a").exists()
+    copy = tmp_path / "elsewhere" / "a"
+    shutil.copytree(trained_runs[0], copy)
+    clash = run("evaluate.py", "--checkpoint", best, str(copy / "best.pt"), "--out-dir", str(tmp_path / "clash"))
+    assert clash.returncode == 1 and "a-best" in clash.stderr and "its own --out-dir" in clash.stderr
+    assert not (tmp_path / "clash").exists()
+
+
 def test_evaluate_without_runs_says_what_to_do(tmp_path):
     result = run("evaluate.py", "--checkpoints-dir", str(tmp_path))
     assert result.returncode == 1 and "python train.py --demo" in result.stderr
