@@ -121,7 +121,7 @@ def ensemble_scores(name: str, results_dir: str, scores_of_seeds: dict) -> dict:
             cells, labels, _, _ = runs[0]
             if any(other[0] != cells for other in runs[1:]):
                 raise SystemExit(f"error: the seeds of {name}/{scoring}/{fold} scored different cells; score them again")
-            preds = [int(statistics.mean(p) > 0.5) for p in zip(*(run[3] for run in runs))]
+            preds = [int(statistics.mean(p) >= 0.5) for p in zip(*(run[3] for run in runs))]
             metrics = {"weighted_f1": f1_score(labels, preds, average="weighted"),
                        "recall_hem": recall_score(labels, preds, pos_label=0), "recall_ALL": recall_score(labels, preds, pos_label=1)}
             scores[scoring][fold][0] = (metrics, subject_accuracy(cells, labels, preds))

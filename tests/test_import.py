@@ -234,19 +234,19 @@ def test_seed_ensemble_averages_each_cells_probability(tmp_path, capsys):
     sys.path.insert(0, os.path.join(ROOT, "experiments"))
     import folds
 
-    cells = ["./a/UID_H10_1_1_hem.bmp", "./a/UID_H10_1_2_hem.bmp", "./a/UID_7_1_1_all.bmp"]
-    probs = {0: [0.4, 0.9, 0.2], 1: [0.7, 0.0, 0.9]}  # means 0.55, 0.45, 0.55: ALL, hem, ALL
+    cells = ["./a/UID_H10_1_1_hem.bmp", "./a/UID_H10_1_2_hem.bmp", "./a/UID_7_1_1_all.bmp", "./a/UID_7_1_2_all.bmp"]
+    probs = {0: [0.4, 0.9, 0.2, 0.25], 1: [0.7, 0.0, 0.9, 0.75]}  # means 0.55, 0.45, 0.55, 0.5: ALL, hem, ALL, ALL (as predict.py)
     for fold in ("fold_0", "fold_1"):
         for seed, p in probs.items():
             out = tmp_path / "r" / "plain" / f"{fold}-seed{seed}"
             out.mkdir(parents=True)
             (out / "metrics.json").write_text('{"weighted_f1": 0.5, "recall_hem": 0.5, "recall_ALL": 0.5}')
-            rows = [f"{c},{label},{int(q > 0.5)},{q}" for c, label, q in zip(cells, [0, 0, 1], p)]
+            rows = [f"{c},{label},{int(q >= 0.5)},{q}" for c, label, q in zip(cells, [0, 0, 1, 1], p)]
             (out / "predictions.csv").write_text("\n".join(["path,label,pred,prob_ALL", *rows]) + "\n")
     ensemble = folds.ensemble_scores("r", str(tmp_path), folds.load_scores("r", str(tmp_path)))
     metrics, subjects = ensemble["plain"]["fold_0"][0]
     assert metrics["recall_hem"] == 0.5 and metrics["recall_ALL"] == 1.0
-    assert metrics["weighted_f1"] == pytest.approx(f1_score([0, 0, 1], [1, 0, 1], average="weighted"))
+    assert metrics["weighted_f1"] == pytest.approx(f1_score([0, 0, 1, 1], [1, 0, 1, 1], average="weighted"))
     assert subjects == {"H10": 0.5, "7": 1.0}
     folds.table(["r"], str(tmp_path))
     assert "| r, ensemble of its seeds | plain | " in capsys.readouterr().out
