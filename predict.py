@@ -24,7 +24,8 @@ from inference import adapt_to_dataset, dataset_logits, warn_if_class_balanced
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=list(TEST_CSVS), help="use checkpoints/<model>/best.pt (or the only run of this model)")
+    parser.add_argument("--model", choices=list(TEST_CSVS), help="use checkpoints/<model>/best.pt (or the only run of this model); with --checkpoint, "
+                        "every checkpoint must be of this model")
     parser.add_argument("--checkpoint", nargs="+", help="checkpoint file(s); several are averaged in probability")
     parser.add_argument("--checkpoints-dir", default="checkpoints", help="where the run folders are (default: checkpoints)")
     parser.add_argument("--data-root", help="dataset folder (default: the one the first run was trained on)")
@@ -57,6 +58,10 @@ def main(args: argparse.Namespace) -> int:
     keep_freed_memory(device)
     paths = pick_checkpoints(args)
     checkpoints = [load_checkpoint(p) for p in paths]
+    others = [f"{p} ({c['model_name']})" for p, c in zip(paths, checkpoints) if args.model and c["model_name"] != args.model]
+    if others:  # each model has its own Kaggle competition: a submission for one made by another is a mistake
+        raise CheckpointError(f"--model {args.model}, but {', '.join(others)} is another model: pass {args.model} checkpoints, "
+                              "or drop --model and the checkpoints choose the test CSV")
     root = checkpoint_data_root(checkpoints[0], args.data_root)
     test_csv = args.test_csv or find_test_csv(root, args.model or checkpoints[0]["model_name"])
     ids, _ = read_csv(test_csv, labelled=False)
