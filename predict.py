@@ -60,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
     checkpoints = [load_checkpoint(p) for p in paths]
     others = [f"{p} ({c['model_name']})" for p, c in zip(paths, checkpoints) if args.model and c["model_name"] != args.model]
     if others:  # each model has its own Kaggle competition: a submission for one made by another is a mistake
-        raise CheckpointError(f"--model {args.model}, but {', '.join(others)} is another model: pass {args.model} checkpoints, "
+        raise CheckpointError(f"--model {args.model} does not match {', '.join(others)}: pass {args.model} checkpoints, "
                               "or drop --model and the checkpoints choose the test CSV")
     root = checkpoint_data_root(checkpoints[0], args.data_root)
     test_csv = args.test_csv or find_test_csv(root, args.model or checkpoints[0]["model_name"])

@@ -176,7 +176,7 @@ def test_predict_of_a_missing_model_says_how_to_train_it(tmp_path):
 def test_predict_refuses_checkpoints_of_another_model_than_named(trained_runs, tmp_path):
     best = os.path.join(trained_runs[0], "best.pt")
     result = run("predict.py", "--model", "resnet50", "--checkpoint", best, "--output", str(tmp_path / "sub.csv"))
-    assert result.returncode == 1 and f"{best} (resnet18) is another model" in result.stderr
+    assert result.returncode == 1 and f"--model resnet50 does not match {best} (resnet18)" in result.stderr
     assert not (tmp_path / "sub.csv").exists()
     assert run("predict.py", "--model", "resnet18", "--checkpoint", best, "--output", str(tmp_path / "sub.csv")).returncode == 0
 
