@@ -540,9 +540,11 @@ def check_free_space(out: str, sizes: tuple[int, int], log: Callable[[str], None
 
 
 def save_epoch(checkpoint: dict, improved: bool, history: list[dict], out: str) -> None:
-    save_checkpoint(checkpoint, os.path.join(out, "last.pt"))
+    """best.pt before last.pt: if the second write fails (a full disk), last.pt never names as best an epoch that
+    best.pt does not hold, and a resumed run trains that epoch again and writes best.pt anew."""
     if improved:
         save_checkpoint(best_checkpoint(checkpoint), os.path.join(out, "best.pt"))
+    save_checkpoint(checkpoint, os.path.join(out, "last.pt"))
     write_history(os.path.join(out, "history.csv"), history)
 
 

@@ -338,6 +338,28 @@ def mounted_tmpfs(path, megabytes: int) -> bool:
     return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(path)], capture_output=True).returncode == 0
 
 
+@pytest.mark.parametrize("failing", ["best.pt", "last.pt"])
+def test_a_failed_save_never_leaves_last_pt_naming_a_best_epoch_that_best_pt_lacks(tmp_path, monkeypatch, failing):
+    def epoch(n):
+        return {"model": {"w": torch.full((2,), float(n))}, "ema": None, "epoch": n, "best_epoch": n, "best_metric": n / 10,
+                "metric": "acc", "history": [], "model_name": "resnet18", "num_classes": 2, "preprocess": {}, "augment": {},
+                "args": {}, "format_version": 1}
+
+    train.save_epoch(epoch(1), True, [], str(tmp_path))
+    save = checkpoints.save_checkpoint
+
+    def full_disk(checkpoint, path):
+        if os.path.basename(path) == failing:
+            raise files.DiskFullError(path, 10**9, 0, "the previous version is intact")
+        save(checkpoint, path)
+
+    monkeypatch.setattr(train, "save_checkpoint", full_disk)
+    with pytest.raises(files.DiskFullError):
+        train.save_epoch(epoch(2), True, [], str(tmp_path))
+    last, best = (torch.load(tmp_path / name, weights_only=True) for name in ("last.pt", "best.pt"))
+    assert last["epoch"] == 1 and last["best_epoch"] <= best["epoch"]
+
+
 def test_training_into_a_disk_that_fills_up_stops_with_a_message(demo_root, tmp_path):
     disk = tmp_path / "disk"
     if not mounted_tmpfs(disk, 200):
