@@ -172,7 +172,6 @@ def test_predict_of_a_missing_model_says_how_to_train_it(tmp_path):
     assert result.returncode == 1 and "python train.py --model resnet152" in result.stderr
 
 
-
 def test_predict_refuses_checkpoints_of_another_model_than_named(trained_runs, tmp_path):
     best = os.path.join(trained_runs[0], "best.pt")
     result = run("predict.py", "--model", "resnet50", "--checkpoint", best, "--output", str(tmp_path / "sub.csv"))
