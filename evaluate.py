@@ -38,7 +38,8 @@ from resnet import MODELS  # noqa: E402
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", nargs="+", help="checkpoint files to evaluate (default: every checkpoints/*/best.pt)")
-    parser.add_argument("--model", choices=list(MODELS), help="only the runs of this model")
+    parser.add_argument("--model", choices=list(MODELS),
+                        help="only the runs of this model; with --checkpoint, every checkpoint must be of it")
     parser.add_argument("--checkpoints-dir", default="checkpoints", help="where the run folders are (default: checkpoints)")
     parser.add_argument("--split", choices=["valid", "train"], default="valid", help="split to evaluate on (default: valid)")
     parser.add_argument("--csv", help="a labelled CSV (Path,label) to evaluate on instead of --split")
@@ -212,6 +213,14 @@ def results_names(checkpoint_paths: list[str]) -> list[str]:
     return names
 
 
+def refuse_other_models(checkpoint_paths: list[str], model: str) -> None:
+    """--model with --checkpoint: every checkpoint must be of that model, checked before any is scored, so that a
+    comparison of one model never holds the results of another."""
+    others = [f"{p} ({m})" for p in checkpoint_paths if (m := load_checkpoint(p)["model_name"]) != model]
+    if others:
+        raise CheckpointError(f"--model {model} does not match {', '.join(others)}: pass {model} checkpoints, or drop --model")
+
+
 def evaluate_run(checkpoint_path: str, run: str, args: argparse.Namespace, device: torch.device) -> dict:
     """Score one checkpoint and write its metrics, predictions and figures to --out-dir/<run>/."""
     checkpoint = load_checkpoint(checkpoint_path)
@@ -295,7 +304,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: no run with a best.pt under {args.checkpoints_dir}/{' for ' + args.model if args.model else ''}; "
               "train one first (python train.py --demo) or pass --checkpoint", file=sys.stderr)
         return 1
-    results = [evaluate_run(path, run, args, device) for path, run in zip(checkpoints, results_names(checkpoints))]
+    names = results_names(checkpoints)
+    if args.checkpoint and args.model:
+        refuse_other_models(checkpoints, args.model)
+    results = [evaluate_run(path, run, args, device) for path, run in zip(checkpoints, names)]
     if len(results) > 1:
         write_comparison(results, args.out_dir)
     return 0

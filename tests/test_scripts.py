@@ -97,6 +97,21 @@ def test_evaluate_without_runs_says_what_to_do(tmp_path):
     assert result.returncode == 1 and "python train.py --demo" in result.stderr
 
 
+def test_evaluate_refuses_checkpoints_of_another_model_than_named_before_scoring_any(trained_runs, tmp_path):
+    import torch
+
+    best = os.path.join(trained_runs[0], "best.pt")
+    checkpoint = torch.load(best, weights_only=True)
+    checkpoint["model_name"] = "resnet50"
+    (tmp_path / "other").mkdir()
+    torch.save(checkpoint, tmp_path / "other" / "best.pt")
+    other, out = str(tmp_path / "other" / "best.pt"), tmp_path / "results"
+    result = run("evaluate.py", "--model", "resnet18", "--checkpoint", best, other, "--out-dir", str(out))
+    assert result.returncode == 1 and f"--model resnet18 does not match {other} (resnet50)" in result.stderr
+    assert not out.exists()  # not even the resnet18 checkpoint listed first was scored
+    assert run("evaluate.py", "--model", "resnet18", "--checkpoint", best, "--out-dir", str(out)).returncode == 0
+
+
 # ----------------------------------------------------------------------------------------------------------
 # predict.py
 
