@@ -3,7 +3,7 @@
     python plot.py                                   every run under checkpoints/
     python plot.py checkpoints/resnet18 checkpoints/resnet50 --format pdf
 
-Per run: results/<run-name>/curves.<fmt> (accuracy and loss per epoch, best epoch marked, learning rate).
+Per run: results/<run-name>/curves.<fmt> (accuracy and loss per epoch, the epoch best.pt holds marked, learning rate).
 All runs: results/comparison_valid_acc.<fmt>.
 """
 from __future__ import annotations
@@ -45,19 +45,32 @@ def read_history(run: str) -> pd.DataFrame:
     return history
 
 
+def run_settings(run: str) -> dict:
+    """The run's args.json, or {} where there is none (a copied history.csv alone)."""
+    try:
+        with open(os.path.join(run, "args.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
 def run_label(run: str) -> str:
     """'resnet50' or 'my-run (resnet50)', from the run's args.json."""
     name = os.path.basename(os.path.normpath(run))
-    try:
-        with open(os.path.join(run, "args.json")) as f:
-            model = json.load(f).get("model")
-    except (OSError, ValueError):
-        model = None
+    model = run_settings(run).get("model")
     return name if model in (None, name) else f"{name} ({model})"
 
 
+def best_epoch(history: pd.DataFrame, metric: str = "acc") -> pd.Series:
+    """The row of the epoch best.pt holds: the first with the highest valid accuracy, or weighted F1 for a run trained
+    with --best-metric f1."""
+    column = "valid_f1" if metric == "f1" and "valid_f1" in history else "valid_acc"
+    return history.loc[history[column].idxmax()]
+
+
 def plot_run(run: str, history: pd.DataFrame, path: str) -> None:
-    best = history.loc[history["valid_acc"].idxmax()]
+    metric = run_settings(run).get("best_metric", "acc")
+    best = best_epoch(history, metric)
     fig, (acc, loss, lr) = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, key in ((acc, "acc"), (loss, "loss")):
         ax.plot(history["epoch"], history[f"train_{key}"], label=f"train {key}")
@@ -65,14 +78,16 @@ def plot_run(run: str, history: pd.DataFrame, path: str) -> None:
         ax.axvline(best["epoch"], color="grey", ls=":", lw=1)
         ax.set(xlabel="epoch", ylabel=key, yscale="log" if key == "loss" else "linear")
         ax.grid(alpha=0.3)
-    acc.scatter([best["epoch"]], [best["valid_acc"]], color="C1", zorder=3, label=f"best valid, epoch {int(best['epoch'])}")
+    acc.scatter([best["epoch"]], [best["valid_acc"]], color="C1", zorder=3, label=f"best.pt, epoch {int(best['epoch'])}")
     acc.legend()
     loss.legend()
     lr.plot(history["epoch"], history["lr"], color="C2")
     lr.set(xlabel="epoch", ylabel="learning rate (at epoch start)", yscale="log" if (history["lr"] > 0).all() else "linear")
     lr.grid(alpha=0.3)
+    by_f1 = metric == "f1" and "valid_f1" in best
+    best_valid = f"Best valid F1: {best['valid_f1']:.4f}" if by_f1 else f"Best valid acc: {best['valid_acc']:.2%}"
     fig.suptitle(f"{run_label(run)} - Best train acc: {history['train_acc'].max():.2%}, "
-                 f"Best valid acc: {best['valid_acc']:.2%} (epoch {int(best['epoch'])} of {int(history['epoch'].max())})")
+                 f"{best_valid} (epoch {int(best['epoch'])} of {int(history['epoch'].max())})")
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
     plt.close(fig)

@@ -217,6 +217,19 @@ def test_plot_works_on_a_run_still_training_and_in_pdf(trained_runs, tmp_path):
     assert (tmp_path / "out" / "live" / "curves.pdf").read_bytes().startswith(b"%PDF")
 
 
+def test_plot_marks_the_epoch_that_best_pt_holds_by_the_run_s_best_metric(trained_runs):
+    import pandas as pd
+    import torch
+
+    import plot
+
+    history = plot.read_history(trained_runs[0])
+    assert plot.best_epoch(history)["epoch"] == torch.load(os.path.join(trained_runs[0], "best.pt"), weights_only=True)["epoch"]
+    by_acc_and_f1 = pd.DataFrame({"epoch": [1, 2, 3], "valid_acc": [0.8, 0.9, 0.9], "valid_f1": [0.85, 0.80, 0.88]})
+    assert plot.best_epoch(by_acc_and_f1, "acc")["epoch"] == 2  # the first of two equal, as train.py keeps it
+    assert plot.best_epoch(by_acc_and_f1, "f1")["epoch"] == 3
+
+
 def test_plot_rejects_a_folder_that_is_not_a_run(tmp_path):
     result = run("plot.py", str(tmp_path))
     assert result.returncode == 1 and "no history.csv" in result.stderr
