@@ -53,6 +53,14 @@ def load_checkpoint(path: str) -> dict:
     return checkpoint
 
 
+def refuse_other_models(model: str, found: list[tuple[str, str]], advice: str = "") -> None:
+    """--model with --checkpoint: every checkpoint, as (path, model name), must be of that model; else one error that
+    names each one that is not."""
+    others = [f"{path} ({name})" for path, name in found if name != model]
+    if others:
+        raise CheckpointError(f"--model {model} does not match {', '.join(others)}: pass {model} checkpoints, or drop --model{advice}")
+
+
 def model_from_checkpoint(checkpoint: dict, device: torch.device) -> tuple[ResNet, Preprocess]:
     """The network (EMA weights where the run kept them: those are what it validated) and its preprocessing."""
     model = build_model(checkpoint["model_name"], num_classes=checkpoint["num_classes"])

@@ -26,7 +26,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
-from checkpoints import CheckpointError, checkpoint_data_root, find_runs, load_checkpoint, model_from_checkpoint, run_name_of  # noqa: E402
+from checkpoints import (CheckpointError, checkpoint_data_root, find_runs, load_checkpoint, model_from_checkpoint,  # noqa: E402
+                         refuse_other_models, run_name_of)
 from cli import add_scoring_flags, non_negative_int, require, run_main  # noqa: E402
 from dataloader import BatchTransform, Preprocess, RetinopathyLoader, decode_image  # noqa: E402
 from devices import keep_freed_memory, resolve_device  # noqa: E402
@@ -213,14 +214,6 @@ def results_names(checkpoint_paths: list[str]) -> list[str]:
     return names
 
 
-def refuse_other_models(checkpoint_paths: list[str], model: str) -> None:
-    """--model with --checkpoint: every checkpoint must be of that model, checked before any is scored, so that a
-    comparison of one model never holds the results of another."""
-    others = [f"{p} ({m})" for p in checkpoint_paths if (m := load_checkpoint(p)["model_name"]) != model]
-    if others:
-        raise CheckpointError(f"--model {model} does not match {', '.join(others)}: pass {model} checkpoints, or drop --model")
-
-
 def evaluate_run(checkpoint_path: str, run: str, args: argparse.Namespace, device: torch.device) -> dict:
     """Score one checkpoint and write its metrics, predictions and figures to --out-dir/<run>/."""
     checkpoint = load_checkpoint(checkpoint_path)
@@ -305,8 +298,8 @@ def main(args: argparse.Namespace) -> int:
               "train one first (python train.py --demo) or pass --checkpoint", file=sys.stderr)
         return 1
     names = results_names(checkpoints)
-    if args.checkpoint and args.model:
-        refuse_other_models(checkpoints, args.model)
+    if args.checkpoint and args.model:  # checked before any is scored: a comparison of one model holds no other
+        refuse_other_models(args.model, [(p, load_checkpoint(p)["model_name"]) for p in checkpoints])
     results = [evaluate_run(path, run, args, device) for path, run in zip(checkpoints, names)]
     if len(results) > 1:
         write_comparison(results, args.out_dir)

@@ -14,7 +14,8 @@ import os
 
 import torch
 
-from checkpoints import CheckpointError, checkpoint_data_root, find_runs, load_checkpoint, model_from_checkpoint, run_name_of
+from checkpoints import (CheckpointError, checkpoint_data_root, find_runs, load_checkpoint, model_from_checkpoint, refuse_other_models,
+                         run_name_of)
 from cli import add_scoring_flags, run_main
 from dataloader import RetinopathyLoader, find_test_csv
 from devices import keep_freed_memory, resolve_device
@@ -58,10 +59,9 @@ def main(args: argparse.Namespace) -> int:
     keep_freed_memory(device)
     paths = pick_checkpoints(args)
     checkpoints = [load_checkpoint(p) for p in paths]
-    others = [f"{p} ({c['model_name']})" for p, c in zip(paths, checkpoints) if args.model and c["model_name"] != args.model]
-    if others:  # each model has its own Kaggle competition: a submission for one made by another is a mistake
-        raise CheckpointError(f"--model {args.model} does not match {', '.join(others)}: pass {args.model} checkpoints, "
-                              "or drop --model and the checkpoints choose the test CSV")
+    if args.model:  # each model has its own Kaggle competition: a submission for one made by another is a mistake
+        refuse_other_models(args.model, [(p, c["model_name"]) for p, c in zip(paths, checkpoints)],
+                            " and the checkpoints choose the test CSV")
     root = checkpoint_data_root(checkpoints[0], args.data_root)
     test_csv = args.test_csv or find_test_csv(root, args.model or checkpoints[0]["model_name"])
     ids, _ = read_csv(test_csv, labelled=False)
