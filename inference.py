@@ -43,9 +43,9 @@ def adapt_batchnorm(model: torch.nn.Module, batches, transform: BatchTransform |
     """A copy of model whose BatchNorm layers keep the mean and variance of their inputs over every image of
     `batches` (AdaBN, Li et al. 2016): for images of another patient, stain or microscope than the training set's.
 
-    One pass in training mode, each layer normalising by its batch as in training; the statistics are exact over
-    all images (pooled per channel, not a moving average), so batch order barely matters. Needs no labels; the
-    model given is left as it was.
+    One pass in training mode, each layer normalising by its batch as in training; the statistics are pooled over
+    all images (per channel, not a moving average). The batches should be mixed as training batches were (see
+    adapt_to_dataset). Needs no labels; the model given is left as it was.
     """
     adapted = copy.deepcopy(model)
     layers = [m for m in adapted.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -81,8 +81,11 @@ def adapt_batchnorm(model: torch.nn.Module, batches, transform: BatchTransform |
 
 def adapt_to_dataset(model: torch.nn.Module, preprocess: Preprocess, dataset: Dataset, device: torch.device,
                      batch_size: int = 64, workers: int = 2) -> torch.nn.Module:
-    """adapt_batchnorm over every image of a uint8 dataset: a copy of model for scoring that dataset."""
-    sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=False)
+    """adapt_batchnorm over every image of a uint8 dataset: a copy of model for scoring that dataset.
+
+    The batches are shuffled (seed 0): in the pass each layer normalises by its batch, and a batch of one class or
+    one patient, as a CSV sorted by either gives, would hand the deeper layers other inputs than scoring does."""
+    sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=True, seed=0)
     batches = make_loader(dataset, sampler, workers, device)
     return adapt_batchnorm(model, batches, BatchTransform(preprocess), device, amp_dtype(device), channels_last=device.type == "cuda")
 

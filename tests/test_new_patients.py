@@ -93,6 +93,41 @@ def test_adapted_statistics_are_those_of_each_layers_inputs():
     torch.testing.assert_close(other.bn1.running_var, adapted.bn1.running_var, rtol=1e-5, atol=1e-6)
 
 
+class TwoStains(torch.utils.data.Dataset):
+    """uint8 (H, W, 3) noise images, the first half in one stain and the second in another: a CSV sorted by class."""
+
+    def __init__(self, n: int = 96):
+        g = torch.Generator().manual_seed(0)
+        self.y = (torch.arange(n) >= n // 2).long()
+        tint = torch.tensor([[1.0, 0.6, 1.0], [0.6, 1.0, 0.7]])[self.y].view(n, 1, 1, 3)
+        self.x = (torch.randint(0, 256, (n, 32, 32, 3), generator=g).float() * tint).to(torch.uint8)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], int(self.y[i])
+
+
+def test_adapted_statistics_hold_when_scoring_a_set_sorted_by_class():
+    # The pass normalises each layer by its batch; batches of one stain would hide the difference between the two
+    # from every later layer, whose statistics then miss what scoring (by the adapted statistics) shows them.
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=2).eval()
+    preprocess, dataset = dataloader.Preprocess(crop=None, size=None), TwoStains()
+    adapted = inference.adapt_to_dataset(model, preprocess, dataset, torch.device("cpu"), batch_size=16, workers=0)
+    layers = {name: m for name, m in adapted.named_modules() if isinstance(m, nn.BatchNorm2d) and name.startswith(("layer1", "layer2"))}
+    inputs = {}
+    for name, layer in layers.items():
+        layer.register_forward_pre_hook(lambda m, args, name=name: inputs.setdefault(name, args[0].detach()))
+    with torch.no_grad():
+        adapted(dataloader.BatchTransform(preprocess)(dataset.x))
+    for name, layer in layers.items():
+        var, mean = torch.var_mean(inputs[name], dim=(0, 2, 3), correction=1)
+        assert (layer.running_mean - mean).abs().max() < 0.05 * var.sqrt().mean(), name
+        assert 0.9 < (layer.running_var / var).min() and (layer.running_var / var).max() < 1.1, name
+
+
 def test_cell_colour_standardisation_takes_away_a_stain():
     cell = torch.zeros(1, 24, 24, 3, dtype=torch.uint8)
     cell[0, 6:18, 6:18] = torch.tensor([90, 40, 100], dtype=torch.uint8)
