@@ -145,10 +145,16 @@ def subject_accuracy(cells: list[str], labels: list[int], preds: list[int]) -> d
     return {s: right[s] / total[s] for s in total}
 
 
-def summarise(scores_of_folds: dict) -> dict:
-    """Fold-mean and worst-fold weighted F1 (per seed, then over seeds), mean hem and ALL recall."""
-    folds = sorted(scores_of_folds)
+def summarise(scores_of_folds: dict, folds: list[str] | None = None) -> dict | None:
+    """Fold-mean and worst-fold weighted F1 (per seed, then over seeds), mean hem and ALL recall, over the seeds scored
+    on every fold of folds (default: those scored). None where a fold or every such seed is missing: a mean over
+    fewer folds than the other rows would not compare with them."""
+    folds = folds or sorted(scores_of_folds)
+    if any(f not in scores_of_folds for f in folds):
+        return None
     seeds = sorted(set.intersection(*(set(scores_of_folds[f]) for f in folds)))
+    if not seeds:
+        return None
     fold_means = [statistics.mean(scores_of_folds[f][s][0]["weighted_f1"] for f in folds) for s in seeds]
     worst = [min(scores_of_folds[f][s][0]["weighted_f1"] for f in folds) for s in seeds]
     per_fold = {f: statistics.mean(scores_of_folds[f][s][0]["weighted_f1"] for s in seeds) for f in folds}
@@ -158,10 +164,14 @@ def summarise(scores_of_folds: dict) -> dict:
 
 
 def report(name: str, scores: dict) -> None:
+    folds = sorted({f for by_fold in scores.values() for f in by_fold})
     for scoring in SCORINGS:
         if scoring not in scores:
             continue
-        s = summarise(scores[scoring])
+        s = summarise(scores[scoring], folds)
+        if s is None:
+            print(f"\n{name}, scored {scoring}: {unfinished(scores[scoring], folds)}")
+            continue
         print(f"\n{name}, scored {scoring} (seeds {', '.join(map(str, s['seeds']))}): weighted F1 fold mean {s['mean']:.3f} "
               f"(seed spread {s['spread']:.3f}), worst fold {s['worst']:.3f}; recall hem {s['recall']['hem']:.3f} ALL {s['recall']['ALL']:.3f}")
         for fold, folds in sorted(scores[scoring].items()):
@@ -174,6 +184,13 @@ def report(name: str, scores: dict) -> None:
             print(f"  {fold}: weighted F1 {statistics.mean(m['weighted_f1'] for m in metrics):.3f}  "
                   f"recall hem {statistics.mean(m['recall_hem'] for m in metrics):.3f} ALL {statistics.mean(m['recall_ALL'] for m in metrics):.3f}  "
                   "subjects " + " ".join(f"{sub} {statistics.mean(a):.2f}" for sub, a in sorted(subjects.items())))
+
+
+def unfinished(scores_of_folds: dict, folds: list[str]) -> str:
+    """What keeps a scoring out of the summaries, and what to do."""
+    scored = ", ".join(f"{f} seeds {' '.join(map(str, sorted(scores_of_folds[f])))}" for f in folds if f in scores_of_folds)
+    return (f"not scored on every fold with one seed (scored: {scored or 'none'}); run the recipe again with "
+            "experiments/folds.py NAME --seeds ... to finish its runs and scorings")
 
 
 def table(names: list[str], results_dir: str, scorings: list[str] | None = None) -> None:
@@ -193,7 +210,10 @@ def table(names: list[str], results_dir: str, scorings: list[str] | None = None)
             for scoring in scorings or SCORINGS:
                 if scoring not in by_scoring:
                     continue
-                s = summarise(by_scoring[scoring])
+                s = summarise(by_scoring[scoring], folds)
+                if s is None:
+                    print(f"note: no row for {label}, {scoring}: {unfinished(by_scoring[scoring], folds)}", file=sys.stderr)
+                    continue
                 spread = f" ± {s['spread'] / 2:.3f}" if len(s["seeds"]) > 1 else ""
                 print(f"| {label} | {scoring} | {s['mean']:.3f}{spread} | {s['worst']:.3f} | "
                       + " | ".join(f"{s['per_fold'][f]:.3f}" if f in s["per_fold"] else "" for f in folds)

@@ -210,6 +210,29 @@ def test_fold_summary_gives_mean_worst_spread_and_subjects(tmp_path, capsys):
         folds.table(["r", "never-run"], str(tmp_path))
 
 
+def test_fold_summary_leaves_out_a_scoring_not_finished_on_every_fold(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import folds
+
+    scored = {"plain": [("fold_0", 0), ("fold_1", 0)], "tta": [("fold_0", 0)], "adapt-bn": [("fold_0", 0), ("fold_1", 1)]}
+    for scoring, runs in scored.items():
+        for fold, seed in runs:
+            out = tmp_path / "r" / scoring / f"{fold}-seed{seed}"
+            out.mkdir(parents=True)
+            (out / "metrics.json").write_text('{"weighted_f1": 0.8, "recall_hem": 0.5, "recall_ALL": 1.0}')
+            (out / "predictions.csv").write_text("path,label,pred,prob_ALL\n./a/UID_7_1_1_all.bmp,1,1,0.8\n")
+    scores = folds.load_scores("r", str(tmp_path))
+    assert folds.summarise(scores["tta"], ["fold_0", "fold_1"]) is None  # one fold of two
+    assert folds.summarise(scores["adapt-bn"]) is None  # no seed scored on both folds
+    folds.table(["r"], str(tmp_path))
+    out, err = capsys.readouterr()
+    assert "| r | plain | 0.800 |" in out and "| tta |" not in out and "| adapt-bn |" not in out
+    assert "no row for r, tta" in err and "fold_0 seeds 0" in err
+    folds.report("r", scores)
+    out = capsys.readouterr().out
+    assert "scored plain (seeds 0): weighted F1 fold mean 0.800" in out and "scored tta: not scored on every fold" in out
+
+
 @pytest.mark.parametrize("valid_labels, train_share, kept", [([1] * 4 + [0] * 4, 0.75, (1, 4)),  # hem thinned
                                                              ([1] * 8 + [0] * 2, 0.5, (2, 2))])  # ALL thinned
 def test_train_mix_thins_the_held_out_cells_to_the_training_class_mix(tmp_path, valid_labels, train_share, kept):
