@@ -174,12 +174,12 @@ def report(name: str, scores: dict) -> None:
             continue
         print(f"\n{name}, scored {scoring} (seeds {', '.join(map(str, s['seeds']))}): weighted F1 fold mean {s['mean']:.3f} "
               f"(seed spread {s['spread']:.3f}), worst fold {s['worst']:.3f}; recall hem {s['recall']['hem']:.3f} ALL {s['recall']['ALL']:.3f}")
-        for fold, folds in sorted(scores[scoring].items()):
-            seeds = sorted(folds)
-            metrics = [folds[seed][0] for seed in seeds]
+        for fold, by_seed in sorted(scores[scoring].items()):
+            seeds = sorted(by_seed)
+            metrics = [by_seed[seed][0] for seed in seeds]
             subjects = defaultdict(list)
             for seed in seeds:
-                for subject, acc in folds[seed][1].items():
+                for subject, acc in by_seed[seed][1].items():
                     subjects[subject].append(acc)
             print(f"  {fold}: weighted F1 {statistics.mean(m['weighted_f1'] for m in metrics):.3f}  "
                   f"recall hem {statistics.mean(m['recall_hem'] for m in metrics):.3f} ALL {statistics.mean(m['recall_ALL'] for m in metrics):.3f}  "

@@ -214,7 +214,8 @@ def test_fold_summary_leaves_out_a_scoring_not_finished_on_every_fold(tmp_path, 
     sys.path.insert(0, os.path.join(ROOT, "experiments"))
     import folds
 
-    scored = {"plain": [("fold_0", 0), ("fold_1", 0)], "tta": [("fold_0", 0)], "adapt-bn": [("fold_0", 0), ("fold_1", 1)]}
+    scored = {"plain": [("fold_0", 0), ("fold_1", 0)], "tta": [("fold_0", 0)], "adapt-bn": [("fold_0", 0), ("fold_1", 1)],
+              "adapt-bn+tta": [("fold_0", 0), ("fold_1", 0)]}
     for scoring, runs in scored.items():
         for fold, seed in runs:
             out = tmp_path / "r" / scoring / f"{fold}-seed{seed}"
@@ -231,6 +232,7 @@ def test_fold_summary_leaves_out_a_scoring_not_finished_on_every_fold(tmp_path, 
     folds.report("r", scores)
     out = capsys.readouterr().out
     assert "scored plain (seeds 0): weighted F1 fold mean 0.800" in out and "scored tta: not scored on every fold" in out
+    assert "scored adapt-bn+tta (seeds 0): weighted F1 fold mean 0.800" in out  # finished, after unfinished ones
 
 
 @pytest.mark.parametrize("valid_labels, train_share, kept", [([1] * 4 + [0] * 4, 0.75, (1, 4)),  # hem thinned
