@@ -49,9 +49,10 @@ def non_negative_float(text: str) -> float:
 def add_scoring_flags(parser: argparse.ArgumentParser) -> None:
     """The flags evaluate.py and predict.py share: how a checkpoint scores a set of images, and where."""
     parser.add_argument("--adapt-bn", action="store_true",
-                        help="first re-estimate the BatchNorm statistics on the images being scored (AdaBN; no labels used, the "
-                             "checkpoint is not changed; shuffled batches): for cells of new patients, another microscope or stain, in a set that "
-                             "holds both classes in about the proportions of training; best with a network trained with --class-balance none")
+                        help="first re-estimate the BatchNorm statistics on the images being scored, in shuffled batches (AdaBN; "
+                             "no labels used, the checkpoint is not changed): for cells of new patients, another microscope or "
+                             "stain, in a set that holds both classes in about the proportions of training; best with a network "
+                             "trained with --class-balance none")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (default: 64)")
     parser.add_argument("--workers", type=non_negative_int, default=WORKERS, help="data-loading processes (default: min(8, cores))")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default: auto)")

@@ -216,7 +216,7 @@ def table(names: list[str], results_dir: str, scorings: list[str] | None = None)
                     continue
                 spread = f" ± {s['spread'] / 2:.3f}" if len(s["seeds"]) > 1 else ""
                 print(f"| {label} | {scoring} | {s['mean']:.3f}{spread} | {s['worst']:.3f} | "
-                      + " | ".join(f"{s['per_fold'][f]:.3f}" if f in s["per_fold"] else "" for f in folds)
+                      + " | ".join(f"{s['per_fold'][f]:.3f}" for f in folds)
                       + f" | {s['recall']['hem']:.3f} / {s['recall']['ALL']:.3f} |")
 
 
