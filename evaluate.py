@@ -8,8 +8,10 @@
     python evaluate.py --cam                             also cam.png: Grad-CAM heat maps of errors and right calls
 
 Each run gets results/<run-name>/ (<run-name>-last/ and -best/ when both of its checkpoints are scored at once): metrics.json,
-predictions.csv, confusion_matrix.png, roc.png, errors.png (and cam.png).
-Several runs also get results/comparison.md and .csv. Preprocessing comes from the checkpoint: no flag repeats it.
+predictions.csv, confusion_matrix.png, roc.png, errors.png (and cam.png). Where the scored cells name their patients (a
+subject column in the CSV, or C-NMC file names), also subjects.csv and subjects.png: a verdict per patient, the majority
+of its cells. Several runs also get results/comparison.md and .csv. Preprocessing comes from the checkpoint: no flag
+repeats it.
 """
 from __future__ import annotations
 
@@ -18,22 +20,20 @@ import json
 import os
 import sys
 
-import matplotlib
+import numpy as np
+import torch
+from sklearn import metrics as skm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from sklearn import metrics as skm  # noqa: E402
-
-from checkpoints import (CheckpointError, checkpoint_data_root, find_runs, load_checkpoint, model_from_checkpoint,  # noqa: E402
-                         refuse_other_models, run_name_of)
-from cli import add_scoring_flags, non_negative_int, require, run_main  # noqa: E402
-from dataloader import BatchTransform, Preprocess, RetinopathyLoader, decode_image  # noqa: E402
-from devices import keep_freed_memory, resolve_device  # noqa: E402
-from files import CLASSES, atomic_write, read_csv, save_figure, write_csv_atomic  # noqa: E402
-from inference import adapt_to_dataset, dataset_logits, warn_if_class_balanced  # noqa: E402
-from resnet import MODELS  # noqa: E402
+from checkpoints import (CheckpointError, checkpoint_data_root, find_runs, load_checkpoint, model_from_checkpoint, refuse_other_models,
+                         run_name_of)
+from cli import add_scoring_flags, non_negative_int, require, run_main
+from dataloader import BatchTransform, Preprocess, RetinopathyLoader, decode_image
+from devices import keep_freed_memory, resolve_device
+from figures import pick_cells, plot_confusion_matrix, plot_heat_maps, plot_roc, plot_subjects, plot_worst_errors
+from files import CLASSES, atomic_write, read_csv, write_csv_atomic
+from inference import adapt_to_dataset, dataset_logits, warn_if_class_balanced
+from patients import SUBJECT_COLUMNS, cell_subjects, describe, subject_table
+from resnet import MODELS
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -76,84 +76,6 @@ def compute_metrics(labels: np.ndarray, prob_all: np.ndarray) -> dict:
     return {k: float(v) if isinstance(v, (np.floating, float)) else v for k, v in result.items()}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Figures
-
-
-def confusion_matrix_figure(cm: np.ndarray, title: str):
-    """Counts and row-normalised recall side by side (train.py logs the same figure to TensorBoard)."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
-    normalised = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    for ax, values, fmt, name in ((axes[0], cm, "d", "counts"), (axes[1], normalised, ".2f", "row-normalised (recall)")):
-        image = ax.imshow(values, cmap="Blues", vmin=0)
-        fig.colorbar(image, ax=ax, fraction=0.046)
-        for i in range(2):
-            for j in range(2):
-                ax.text(j, i, format(values[i, j], fmt), ha="center", va="center", fontsize=13,
-                        color="white" if values[i, j] > values.max() / 2 else "black")
-        ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=CLASSES, yticklabels=CLASSES,
-               xlabel="Predicted label", ylabel="True label", title=name)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
-def plot_confusion_matrix(cm: np.ndarray, title: str, path: str) -> None:
-    fig = confusion_matrix_figure(cm, title)
-    save_figure(fig, path, dpi=120)
-    plt.close(fig)
-
-
-def plot_roc(labels: np.ndarray, prob_all: np.ndarray, title: str, path: str) -> None:
-    fig, ax = plt.subplots(figsize=(5, 5))
-    if len(set(labels.tolist())) == 2:
-        fpr, tpr, _ = skm.roc_curve(labels, prob_all)
-        ax.plot(fpr, tpr, label=f"AUC {skm.roc_auc_score(labels, prob_all):.4f}")
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    ax.set(xlabel="False positive rate (hem called ALL)", ylabel="True positive rate (ALL found)", title=title)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
-    plt.close(fig)
-
-
-def pick_cells(labels: np.ndarray, prob_all: np.ndarray, errors: int, right: int) -> list[int]:
-    """The most confidently wrong cells, then the most confidently right of each class."""
-    pred = (prob_all >= 0.5).astype(int)
-    confidence = np.abs(prob_all - 0.5)
-    wrong = np.flatnonzero(pred != labels)
-    picked = wrong[np.argsort(-confidence[wrong])][:errors].tolist()
-    for c in (0, 1):
-        good = np.flatnonzero((pred == labels) & (labels == c))
-        picked += good[np.argsort(-confidence[good])][:right].tolist()
-    return picked
-
-
-def cell_title(path: str, label: int, prob_all: float) -> str:
-    """A gallery panel's title: the file, the true and predicted class, P(ALL)."""
-    return f"{os.path.basename(path)}\ntrue {CLASSES[label]}, pred {CLASSES[int(prob_all >= 0.5)]}\nP(ALL) {prob_all:.3f}"
-
-
-def plot_worst_errors(paths: list[str], labels: np.ndarray, prob_all: np.ndarray, crop: int | None, title: str, path: str, k: int) -> int:
-    """A gallery of the k most confidently wrong cells; returns how many it shows."""
-    wrong = pick_cells(labels, prob_all, errors=k, right=0)
-    cols = max(1, min(4, len(wrong)))
-    rows = max(1, -(-len(wrong) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.8 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, wrong):
-        ax.imshow(decode_image(paths[i], crop, None).numpy())
-        ax.set_title(cell_title(paths[i], labels[i], prob_all[i]), fontsize=9)
-    if len(wrong) == 0:
-        axes[0, 0].text(0.5, 0.5, "no errors", ha="center", va="center", fontsize=14)
-    fig.suptitle(title)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=100)
-    plt.close(fig)
-    return len(wrong)
-
-
 def grad_cam(model: torch.nn.Module, layer: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(N, H, W) Grad-CAM maps (Selvaraju et al. 2017) of class `target` at `layer`, upsampled to x's size and scaled
     to a peak of 1, by captum."""
@@ -173,20 +95,7 @@ def plot_cams(model: torch.nn.Module, preprocess: Preprocess, paths: list[str], 
     x = BatchTransform(preprocess)(images.to(device))
     pred = torch.as_tensor((prob_all[cells] >= 0.5).astype(int), device=device)
     cams = grad_cam(model, model.layer4, x, pred).cpu().numpy()
-    cols = 4
-    rows = max(1, -(-len(cells) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.6 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i, image, cam in zip(axes.flat, cells, images.numpy(), cams):
-        ax.imshow(image)
-        ax.imshow(cam, cmap="jet", alpha=0.4, vmin=0, vmax=1)
-        ax.set_title(cell_title(paths[i], labels[i], prob_all[i]), fontsize=9,
-                     color="black" if labels[i] == int(prob_all[i] >= 0.5) else "red")
-    fig.suptitle(title)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=100)
-    plt.close(fig)
+    plot_heat_maps(images.numpy(), cams, [paths[i] for i in cells], labels[cells], prob_all[cells], title, path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -228,11 +137,16 @@ def evaluate_run(checkpoint_path: str, run: str, args: argparse.Namespace, devic
     logits = dataset_logits(model, preprocess, dataset, device, args.batch_size, args.workers, args.tta)
     prob_all = logits.softmax(1)[:, 1].numpy()
     labels = np.asarray(dataset.label)
+    names, _ = read_csv(dataset.csv_path, labelled=True)
+    subjects = cell_subjects(names, dataset.csv_path)
+    patients = subject_table(subjects, prob_all, labels, names) if subjects is not None else None
     out = os.path.join(args.out_dir, run)
     os.makedirs(out, exist_ok=True)
 
     result = compute_metrics(labels, prob_all)
     result["loss"] = torch.nn.functional.cross_entropy(logits, torch.as_tensor(labels)).item()
+    if patients is not None:
+        result.update(patient_accuracy=float(patients["right"].mean()), patients=len(patients))
     history = checkpoint.get("history") or []
     result.update({
         "run": run, "model": checkpoint["model_name"], "checkpoint": checkpoint_path, "epoch": checkpoint["epoch"],
@@ -241,18 +155,26 @@ def evaluate_run(checkpoint_path: str, run: str, args: argparse.Namespace, devic
         "best_valid_acc": max((h["valid_acc"] for h in history), default=None),
     })
     atomic_write(os.path.join(out, "metrics.json"), lambda f: f.write(json.dumps(result, indent=2).encode()))
-    names, _ = read_csv(dataset.csv_path, labelled=True)
     write_csv_atomic(os.path.join(out, "predictions.csv"), ["path", "label", "pred", "prob_ALL"],
                      [[n, int(y), int(p >= 0.5), repr(float(p))] for n, y, p in zip(names, labels, prob_all)])
     title = f"{run} ({checkpoint['model_name']}, epoch {checkpoint['epoch']}), {split}: acc {result['accuracy']:.4f}"
     plot_confusion_matrix(np.array(result["confusion_matrix"]), title, os.path.join(out, "confusion_matrix.png"))
     plot_roc(labels, prob_all, title, os.path.join(out, "roc.png"))
     plot_worst_errors(dataset.img_name, labels, prob_all, preprocess.crop, f"{run}: most confidently wrong", os.path.join(out, "errors.png"), args.gallery)
+    written = ["metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png", "errors.png"]
+    if patients is not None:
+        write_csv_atomic(os.path.join(out, "subjects.csv"), SUBJECT_COLUMNS, patients.astype(object).values.tolist())
+        plot_subjects(patients, f"{run}, {split}: {patients['right'].sum()} of {len(patients)} patients called right",
+                      os.path.join(out, "subjects.png"))
+        written += ["subjects.csv", "subjects.png"]
     if args.cam:
         plot_cams(model, preprocess, dataset.img_name, labels, prob_all, device, f"{run}: Grad-CAM of the predicted class",
                   os.path.join(out, "cam.png"))
+        written.append("cam.png")
     print_metrics(result)
-    print(f"  wrote {out}/: metrics.json predictions.csv confusion_matrix.png roc.png errors.png" + (" cam.png" if args.cam else ""))
+    if patients is not None:
+        print(f"  {describe(patients)}")
+    print(f"  wrote {out}/: {' '.join(written)}")
     return result
 
 

@@ -53,6 +53,18 @@ def read_csv(csv_path: str, labelled: bool, problems: list[str] | None = None) -
     return paths, (labels if labelled else None)
 
 
+def read_column(csv_path: str, name: str) -> list[str] | None:
+    """The values of one more column of a course CSV (a `subject` column beside Path and label), row for row as
+    read_csv reads the paths; None where the CSV has no such column."""
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.reader(f))
+    header = [h.strip() for h in rows[0]] if rows else []
+    if name not in header:
+        return None
+    column = header.index(name)
+    return [row[column].strip() if len(row) > column else "" for row in rows[1:] if row and row[0].strip()]
+
+
 def check_not_empty(paths: list[str], source: str) -> None:
     if not paths:
         raise DataError(f"{source}: no images listed under its header. Use the CSV files handed out with the lab, unchanged.")

@@ -561,7 +561,7 @@ def log_to_tensorboard(writer, row: dict, confusion: np.ndarray | None, run_name
     for key in ("lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "valid_f1", "images_per_s"):
         writer.add_scalar(key.replace("train_", "train/").replace("valid_", "valid/"), row[key], row["epoch"])
     if confusion is not None:
-        from evaluate import confusion_matrix_figure
+        from figures import confusion_matrix_figure  # here: matplotlib adds seconds to every start
 
         title = f"{run_name}, epoch {row['epoch']}: valid acc {row['valid_acc']:.4f}"
         writer.add_figure("valid/confusion_matrix", confusion_matrix_figure(confusion, title), row["epoch"])

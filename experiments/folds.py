@@ -9,7 +9,8 @@ checkpoints/folds/NAME/fold_<k>-seed<s> (a finished run is skipped, an interrupt
 scores its last.pt on the fold's held-out subjects six ways: plain, --tta, --adapt-bn, and both; and plain and with
 --adapt-bn on the held-out cells thinned to the class mix of the fold's training cells (train-mix). Printed per
 scoring: weighted F1, hem and ALL recall per fold (mean over seeds), the mean and the worst fold, the seed-to-seed
-spread of the fold mean, and the accuracy on each held-out subject.
+spread of the fold mean, the held-out patients called right by the majority of their cells (and which were not), and
+the share of each held-out patient's cells called right.
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ from sklearn.metrics import f1_score, recall_score
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from datatools import parse_cnmc_name  # noqa: E402
 from files import read_csv, write_csv_atomic  # noqa: E402
+from patients import cell_subjects, subject_table  # noqa: E402
 
 # evaluate.py's flags per scoring; the train-mix scorings score train_mix_csv's cells instead of the whole valid set
 SCORINGS = {"plain": [], "tta": ["--tta"], "adapt-bn": ["--adapt-bn"], "adapt-bn+tta": ["--adapt-bn", "--tta"],
@@ -95,15 +96,15 @@ def train_mix_csv(fold: str) -> str:
 
 
 def load_scores(name: str, results_dir: str) -> dict:
-    """{scoring: {fold: {seed: (metrics, {subject: accuracy})}}} from evaluate.py's files."""
+    """{scoring: {fold: {seed: (metrics, patients)}}} from evaluate.py's files; patients is patients.subject_table's."""
     scores: dict = defaultdict(lambda: defaultdict(dict))
     for path in sorted(glob.glob(os.path.join(results_dir, name, "*", "fold_*-seed*", "metrics.json"))):
         folder = os.path.dirname(path)
         scoring, (fold, seed) = os.path.basename(os.path.dirname(folder)), os.path.basename(folder).rsplit("-seed", 1)
         with open(path) as f:
             metrics = json.load(f)
-        cells, labels, preds, _ = read_predictions(os.path.join(folder, "predictions.csv"))
-        scores[scoring][fold][int(seed)] = (metrics, subject_accuracy(cells, labels, preds))
+        cells, labels, _, probs = read_predictions(os.path.join(folder, "predictions.csv"))
+        scores[scoring][fold][int(seed)] = (metrics, subject_table(cell_subjects(cells), probs, labels))
     return scores
 
 
@@ -121,10 +122,11 @@ def ensemble_scores(name: str, results_dir: str, scores_of_seeds: dict) -> dict:
             cells, labels, _, _ = runs[0]
             if any(other[0] != cells for other in runs[1:]):
                 raise SystemExit(f"error: the seeds of {name}/{scoring}/{fold} scored different cells; score them again")
-            preds = [int(statistics.mean(p) >= 0.5) for p in zip(*(run[3] for run in runs))]
+            probs = [statistics.mean(p) for p in zip(*(run[3] for run in runs))]
+            preds = [int(p >= 0.5) for p in probs]
             metrics = {"weighted_f1": f1_score(labels, preds, average="weighted"),
                        "recall_hem": recall_score(labels, preds, pos_label=0), "recall_ALL": recall_score(labels, preds, pos_label=1)}
-            scores[scoring][fold][0] = (metrics, subject_accuracy(cells, labels, preds))
+            scores[scoring][fold][0] = (metrics, subject_table(cell_subjects(cells), probs, labels))
     return scores
 
 
@@ -136,13 +138,21 @@ def read_predictions(path: str) -> tuple[list[str], list[int], list[int], list[f
             [float(r["prob_ALL"]) for r in rows])
 
 
-def subject_accuracy(cells: list[str], labels: list[int], preds: list[int]) -> dict[str, float]:
-    right, total = defaultdict(int), defaultdict(int)
-    for cell, label, pred in zip(cells, labels, preds):
-        subject = parse_cnmc_name(os.path.basename(cell))[0]
-        total[subject] += 1
-        right[subject] += label == pred
-    return {s: right[s] / total[s] for s in total}
+def share_right(patients) -> dict[str, float]:
+    """{subject: the share of its cells called right} from a subject_table."""
+    right = patients["share_called_ALL"].where(patients["label"] == 1, 1 - patients["share_called_ALL"])
+    return dict(zip(patients["subject"], right))
+
+
+def patients_right(scores_of_folds: dict, folds: list[str], seed: int) -> int:
+    """Held-out patients of every fold called right by the majority of their cells, in one seed."""
+    return sum(int(scores_of_folds[f][seed][1]["right"].sum()) for f in folds)
+
+
+def count_range(counts: list[int], total: int) -> str:
+    """'34 of 35', or '33-34 of 35' over seeds that differ."""
+    low, high = min(counts), max(counts)
+    return f"{low} of {total}" if low == high else f"{low}-{high} of {total}"
 
 
 def summarise(scores_of_folds: dict, folds: list[str] | None = None) -> dict | None:
@@ -159,8 +169,10 @@ def summarise(scores_of_folds: dict, folds: list[str] | None = None) -> dict | N
     worst = [min(scores_of_folds[f][s][0]["weighted_f1"] for f in folds) for s in seeds]
     per_fold = {f: statistics.mean(scores_of_folds[f][s][0]["weighted_f1"] for s in seeds) for f in folds}
     recall = {c: statistics.mean(scores_of_folds[f][s][0][f"recall_{c}"] for f in folds for s in seeds) for c in ("hem", "ALL")}
+    patients = count_range([patients_right(scores_of_folds, folds, s) for s in seeds],
+                           sum(len(scores_of_folds[f][seeds[0]][1]) for f in folds))
     return {"seeds": seeds, "mean": statistics.mean(fold_means), "spread": max(fold_means) - min(fold_means),
-            "worst": statistics.mean(worst), "per_fold": per_fold, "recall": recall}
+            "worst": statistics.mean(worst), "per_fold": per_fold, "recall": recall, "patients": patients}
 
 
 def report(name: str, scores: dict) -> None:
@@ -173,17 +185,24 @@ def report(name: str, scores: dict) -> None:
             print(f"\n{name}, scored {scoring}: {unfinished(scores[scoring], folds)}")
             continue
         print(f"\n{name}, scored {scoring} (seeds {', '.join(map(str, s['seeds']))}): weighted F1 fold mean {s['mean']:.3f} "
-              f"(seed spread {s['spread']:.3f}), worst fold {s['worst']:.3f}; recall hem {s['recall']['hem']:.3f} ALL {s['recall']['ALL']:.3f}")
+              f"(seed spread {s['spread']:.3f}), worst fold {s['worst']:.3f}; recall hem {s['recall']['hem']:.3f} ALL {s['recall']['ALL']:.3f}; "
+              f"patients called right {s['patients']}")
         for fold, by_seed in sorted(scores[scoring].items()):
             seeds = sorted(by_seed)
             metrics = [by_seed[seed][0] for seed in seeds]
-            subjects = defaultdict(list)
+            subjects, wrong = defaultdict(list), defaultdict(int)
             for seed in seeds:
-                for subject, acc in by_seed[seed][1].items():
-                    subjects[subject].append(acc)
+                patients = by_seed[seed][1]
+                for subject, share in share_right(patients).items():
+                    subjects[subject].append(share)
+                for subject in patients["subject"][patients["right"] == 0]:
+                    wrong[subject] += 1
+            called = count_range([int(by_seed[seed][1]["right"].sum()) for seed in seeds], len(by_seed[seeds[0]][1]))
+            missed = ", ".join(f"{sub} in {n} of {len(seeds)} seeds" for sub, n in sorted(wrong.items()))
             print(f"  {fold}: weighted F1 {statistics.mean(m['weighted_f1'] for m in metrics):.3f}  "
                   f"recall hem {statistics.mean(m['recall_hem'] for m in metrics):.3f} ALL {statistics.mean(m['recall_ALL'] for m in metrics):.3f}  "
-                  "subjects " + " ".join(f"{sub} {statistics.mean(a):.2f}" for sub, a in sorted(subjects.items())))
+                  f"patients right {called}" + (f" (wrong: {missed})" if missed else "") + "\n    cells right per patient: "
+                  + " ".join(f"{sub} {statistics.mean(a):.2f}" for sub, a in sorted(subjects.items())))
 
 
 def unfinished(scores_of_folds: dict, folds: list[str]) -> str:
@@ -202,8 +221,9 @@ def table(names: list[str], results_dir: str, scorings: list[str] | None = None)
     if missing:
         raise SystemExit(f"error: no scores under {results_dir}/ for {', '.join(missing)}; run them first: "
                          "python experiments/folds.py NAME -- [train.py flags]")
-    print("| recipe | scored | weighted F1: fold mean ± seed spread | worst fold | " + " | ".join(folds) + " | recall hem / ALL |")
-    print("|---|---|---|---|" + "---|" * len(folds) + "---|")
+    print("| recipe | scored | weighted F1: fold mean ± seed spread | worst fold | " + " | ".join(folds)
+          + " | recall hem / ALL | patients called right |")
+    print("|---|---|---|---|" + "---|" * len(folds) + "---|---|")
     for name in names:
         ensemble = ensemble_scores(name, results_dir, scores[name])
         for label, by_scoring in ((name, scores[name]), (f"{name}, ensemble of its seeds", ensemble)):
@@ -217,7 +237,7 @@ def table(names: list[str], results_dir: str, scorings: list[str] | None = None)
                 spread = f" ± {s['spread'] / 2:.3f}" if len(s["seeds"]) > 1 else ""
                 print(f"| {label} | {scoring} | {s['mean']:.3f}{spread} | {s['worst']:.3f} | "
                       + " | ".join(f"{s['per_fold'][f]:.3f}" for f in folds)
-                      + f" | {s['recall']['hem']:.3f} / {s['recall']['ALL']:.3f} |")
+                      + f" | {s['recall']['hem']:.3f} / {s['recall']['ALL']:.3f} | {s['patients']} |")
 
 
 def main(argv: list[str]) -> int:

@@ -201,9 +201,14 @@ def test_fold_summary_gives_mean_worst_spread_and_subjects(tmp_path, capsys):
     assert s["mean"] == pytest.approx(0.75)  # fold means 0.7 (seed 0) and 0.8 (seed 1)
     assert s["spread"] == pytest.approx(0.1) and s["worst"] == pytest.approx(0.65)
     assert s["per_fold"] == pytest.approx({"fold_0": 0.85, "fold_1": 0.65})
-    assert scores["plain"]["fold_0"][0][1] == {"H10": 0.5, "7": 1.0}
+    assert folds.share_right(scores["plain"]["fold_0"][0][1]) == {"H10": 0.5, "7": 1.0}
+    assert s["patients"] == "2 of 4"  # H10, half its cells called ALL, is called ALL: wrong on both folds
     folds.table(["r"], str(tmp_path))
-    assert "| r | plain | 0.750 ± 0.050 | 0.650 | 0.850 | 0.650 | 0.500 / 1.000 |" in capsys.readouterr().out
+    assert "| r | plain | 0.750 ± 0.050 | 0.650 | 0.850 | 0.650 | 0.500 / 1.000 | 2 of 4 |" in capsys.readouterr().out
+    folds.report("r", scores)
+    out = capsys.readouterr().out
+    assert "patients called right 2 of 4" in out and "fold_0: weighted F1 0.850" in out
+    assert "patients right 1 of 2 (wrong: H10 in 2 of 2 seeds)" in out
     folds.table(["r"], str(tmp_path), ["tta"])
     assert "| r |" not in capsys.readouterr().out  # only the scorings asked for
     with pytest.raises(SystemExit, match="no scores .* for never-run"):
@@ -272,6 +277,7 @@ def test_seed_ensemble_averages_each_cells_probability(tmp_path, capsys):
     metrics, subjects = ensemble["plain"]["fold_0"][0]
     assert metrics["recall_hem"] == 0.5 and metrics["recall_ALL"] == 1.0
     assert metrics["weighted_f1"] == pytest.approx(f1_score([0, 0, 1, 1], [1, 0, 1, 1], average="weighted"))
-    assert subjects == {"H10": 0.5, "7": 1.0}
+    assert folds.share_right(subjects) == {"H10": 0.5, "7": 1.0}
+    assert subjects["call"].tolist() == [1, 1] and subjects["right"].tolist() == [0, 1]  # H10: one cell of two called ALL
     folds.table(["r"], str(tmp_path))
     assert "| r, ensemble of its seeds | plain | " in capsys.readouterr().out

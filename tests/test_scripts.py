@@ -305,12 +305,12 @@ def test_evaluate_cam_draws_heat_maps_of_errors_and_right_calls(trained_runs, tm
 
 
 def test_cam_picks_the_worst_errors_then_confident_right_cells():
-    import evaluate
+    import figures
 
     labels = np.array([0, 0, 0, 1, 1, 1])
     prob = np.array([0.9, 0.6, 0.1, 0.05, 0.7, 0.99])
-    assert evaluate.pick_cells(labels, prob, errors=1, right=1) == [3, 2, 5]  # P(ALL) 0.05 for an ALL cell: the worst error
-    assert evaluate.pick_cells(labels, prob, errors=8, right=2) == [3, 0, 1, 2, 5, 4]
+    assert figures.pick_cells(labels, prob, errors=1, right=1) == [3, 2, 5]  # P(ALL) 0.05 for an ALL cell: the worst error
+    assert figures.pick_cells(labels, prob, errors=8, right=2) == [3, 0, 1, 2, 5, 4]
 
 
 def test_a_missing_optional_package_stops_before_any_work(tmp_path):
