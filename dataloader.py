@@ -34,7 +34,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 import datatools
-from files import TEST_CSVS, DataError, check_not_empty, read_csv
+from files import IMAGE_EXTENSIONS, TEST_CSVS, DataError, check_not_empty, read_csv
 
 SPLITS = ("train", "valid", "test")
 
@@ -427,6 +427,32 @@ class RetinopathyLoader(Dataset):
 LeukemiaLoader = RetinopathyLoader
 
 
+class ImageFiles(Dataset):
+    """Images given by path, with no CSV and no labels (predict.py --images): each decoded as RetinopathyLoader's
+    uint8 output, for scoring."""
+
+    def __init__(self, paths: list[str], preprocess: Preprocess):
+        self.img_name, self.preprocess = paths, preprocess
+
+    def __len__(self) -> int:
+        return len(self.img_name)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return decode_image(self.img_name[index], self.preprocess.crop, self.preprocess.size)
+
+
+def find_images(folder: str) -> list[str]:
+    """Every image file under folder and its subfolders (by extension: IMAGE_EXTENSIONS), sorted by path."""
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder}: no such folder; give the folder that holds the cell images")
+    paths = sorted(os.path.join(top, name) for top, _, names in os.walk(folder) for name in names
+                   if name.lower().endswith(IMAGE_EXTENSIONS))
+    if not paths:
+        raise DataError(f"{folder}: no images under it (files ending {', '.join(IMAGE_EXTENSIONS)}); give the folder that "
+                        "holds the cell images")
+    return paths
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Command line
 
@@ -436,7 +462,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument("--check", action="store_true", help="decode every image of the dataset and report problems")
     action.add_argument("--make-demo", metavar="DIR", help="write a synthetic dataset in the course layout to DIR")
-    action.add_argument("--import-cnmc", metavar="SRC", help="import the public C-NMC release (or ../shared/cnmc) from SRC")
+    action.add_argument("--import-cnmc", metavar="SRC",
+                        help="import the public C-NMC release from SRC (its top folder C-NMC_Leukemia, its training_data, or "
+                             "../shared/cnmc); from the top folder, its preliminary test phase becomes OUT/prelim_test.csv too")
     parser.add_argument("--data-root", default="data", help="dataset folder for --check (default: data)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for --make-demo and --import-cnmc")
     parser.add_argument("--sizes", type=int, nargs=3, default=[600, 150, 150], metavar=("TRAIN", "VALID", "TEST"),
