@@ -6,6 +6,7 @@ import_cnmc:   the public C-NMC 2019 release (fold_*/all|hem/UID_*.bmp) in the c
 """
 from __future__ import annotations
 
+import csv
 import os
 import random
 import re
@@ -282,7 +283,56 @@ def import_cnmc(src: str, out: str, split: str = "subject", valid_frac: float = 
     print(f"imported {len(cells)} cells of {len({s for _, s, _ in cells})} subjects from {src} to {out} ({split} split)")
     write_layout(out, cells, split_of, seed)
     print(f"  subjects per split: {os.path.join(out, 'subjects.csv')}; test labels: {os.path.join(out, 'test_labels.csv')}")
+    import_prelim_test(src, out, {subject for _, subject, _ in cells})
     return split_of
+
+
+PRELIM_IMAGES = os.path.join("validation_data", "C-NMC_test_prelim_phase_data")
+PRELIM_LABELS = os.path.join("validation_data", "C-NMC_test_prelim_phase_data_labels.csv")
+
+
+def import_prelim_test(src: str, out: str, training_subjects: set[str]) -> None:
+    """The release's preliminary test phase (validation_data/: 1,867 cells of 28 subjects that training_data does not
+    hold, named <n>.bmp, labelled in C-NMC_test_prelim_phase_data_labels.csv by their original names) as
+    out/prelim_test.csv, Path,label,subject: the challenge's own unseen patients. src is the release's top folder or
+    its training_data; a copy without that folder gets one line saying so."""
+    top = next((d for d in (src, os.path.dirname(os.path.abspath(src))) if os.path.isfile(os.path.join(d, PRELIM_LABELS))), None)
+    if top is None:
+        print(f"  no preliminary test phase beside {src} ({PRELIM_LABELS} and its images): prelim_test.csv not written")
+        return
+    labels_csv = os.path.join(top, PRELIM_LABELS)
+    with open(labels_csv, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        if [h.strip() for h in reader.fieldnames or []][:3] != ["Patient_ID", "new_names", "labels"]:
+            raise DataError(f"{labels_csv}: header is {','.join(reader.fieldnames or []) or '(empty file)'}, expected "
+                            "Patient_ID,new_names,labels as in the C-NMC release")
+        rows = []
+        for line, row in enumerate(reader, start=2):
+            parsed = parse_cnmc_name(row["Patient_ID"].strip())
+            image = os.path.join(top, PRELIM_IMAGES, row["new_names"].strip())
+            if parsed is None or row["labels"].strip() != str(parsed[1]):
+                raise DataError(f"{labels_csv}, line {line}: {row['Patient_ID']!r} with label {row['labels']!r} is not a C-NMC "
+                                "name (UID_<subject>_<image>_<cell>_<all|hem>.bmp) whose class is its label (1 all, 0 hem)")
+            if not os.path.isfile(image):
+                raise DataError(f"{labels_csv}, line {line}: its image {image} is missing")
+            rows.append((image, *parsed))
+    shared = sorted({subject for _, subject, _ in rows} & training_subjects)
+    if shared:
+        raise DataError(f"{labels_csv}: subjects {', '.join(shared)} are also in {src}'s training cells; the preliminary test "
+                        "phase holds other patients, so this is not the release's own copy")
+    table = []
+    for image, subject, label in rows:
+        name = f"./new_dataset/prelim_test/{os.path.basename(image)}"
+        place(image, os.path.join(out, name))
+        table.append([name, label, subject])
+    write_csv_atomic(os.path.join(out, "prelim_test.csv"), ["Path", "label", "subject"], table)
+    subjects = Counter((subject, label) for _, subject, label in rows)
+    print(f"  prelim_test.csv: the challenge's preliminary test phase, {len(rows)} cells of {len(subjects)} patients that are in "
+          f"no other split ({sum(1 for _, l in subjects if l == 0)} normal: "
+          f"{sum(n for (_, l), n in subjects.items() if l == 0)} cells; {sum(1 for _, l in subjects if l == 1)} ALL: "
+          f"{sum(n for (_, l), n in subjects.items() if l == 1)} cells)")
+    for label in (0, 1):
+        print(f"    {CLASSES[label]}: " + ", ".join(f"{s} ({n})" for (s, l), n in sorted(subjects.items()) if l == label))
 
 
 def import_folds(src: str, out: str, folds: int, seed: int = 0) -> dict[str, list[str]]:
