@@ -9,9 +9,10 @@ from collections import Counter
 from typing import Iterable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from dataloader import to_device
+from files import DataError
 
 
 class EpochBatchSampler(Sampler):
@@ -115,7 +116,8 @@ class EpochStream:
 
 
 class IndexedDataset(Dataset):
-    """Wraps a dataset so each item also carries its index (for gathering predictions across processes)."""
+    """Wraps a dataset so each item also carries its index (for gathering predictions across processes). An image
+    that cannot be read comes back as a LoadError instead of an item: see Batches."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -124,8 +126,43 @@ class IndexedDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i: int):
-        item = self.dataset[i]
+        try:
+            item = self.dataset[i]
+        except (DataError, OSError) as e:
+            return LoadError(e)
         return (i, *item) if isinstance(item, tuple) else (i, item)
+
+
+class LoadError:
+    """A DataError or OSError met while loading a batch, carried to the main process as the batch itself."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def collate(items: list):
+    """default_collate, unless an item is a LoadError: then that error is the batch."""
+    return next((item for item in items if isinstance(item, LoadError)), None) or default_collate(items)
+
+
+class Batches:
+    """A DataLoader's batches, with an error met in a worker raised as it was raised there.
+
+    PyTorch re-raises a worker's exception with the worker's traceback folded into its message, so that an
+    unreadable image reaches the user as twenty lines with the one that names the file at the bottom.
+    """
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator:
+        for batch in self.loader:
+            if isinstance(batch, LoadError):
+                raise batch.error
+            yield batch
 
 
 def ignore_ctrl_c(worker_id: int) -> None:
@@ -134,11 +171,12 @@ def ignore_ctrl_c(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def make_loader(dataset: Dataset, sampler: Sampler, workers: int, device: torch.device) -> DataLoader:
+def make_loader(dataset: Dataset, sampler: Sampler, workers: int, device: torch.device) -> Batches:
     """Batches of (index, images[, labels]) decoded by `workers` processes that live as long as the loader, pinned for a
     GPU so that they cross without making the host wait. The training or scoring loop transforms each batch."""
-    return DataLoader(IndexedDataset(dataset), batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
-                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None, worker_init_fn=ignore_ctrl_c)
+    return Batches(DataLoader(IndexedDataset(dataset), batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
+                              persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                              worker_init_fn=ignore_ctrl_c, collate_fn=collate))
 
 
 class CachedBatches:
@@ -150,7 +188,8 @@ class CachedBatches:
 
     def __init__(self, dataset: Dataset, sampler: Sampler, workers: int, device: torch.device, pin_memory: bool):
         self.sampler, self.pin = sampler, pin_memory and device.type == "cpu"
-        reader = DataLoader(IndexedDataset(dataset), batch_size=64, num_workers=workers, worker_init_fn=ignore_ctrl_c)
+        reader = Batches(DataLoader(IndexedDataset(dataset), batch_size=64, num_workers=workers, worker_init_fn=ignore_ctrl_c,
+                                    collate_fn=collate))
         images, labels = None, torch.zeros(len(dataset), dtype=torch.long)
         for batch in reader:
             index, x = batch[0], batch[1]

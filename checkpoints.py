@@ -4,7 +4,17 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shlex
+import socket
+import sys
+import time
+from dataclasses import dataclass
 from typing import Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked there
+    fcntl = None
 
 import torch
 
@@ -13,6 +23,7 @@ from files import atomic_write
 from resnet import MODELS, ResNet, build_model
 
 CHECKPOINT_KEYS = ("model", "model_name", "num_classes", "preprocess", "epoch")
+LOCK_FILE = "train.lock"
 
 
 class CheckpointError(Exception):
@@ -94,3 +105,54 @@ def run_name_of(checkpoint_path: str) -> str:
 def checkpoint_data_root(checkpoint: dict, given: str | None) -> str:
     """The --data-root given, else the one the run was trained on, else data/."""
     return given or (checkpoint.get("args") or {}).get("data_root") or "data"
+
+
+def lock_run_folder(folder: str, resume_command: str) -> RunLock | None:
+    """Hold folder/train.lock until unlock_run_folder or the end of this process, so that no other train.py writes this
+    run (None where the system has no fcntl: Windows). Another process that holds it raises CheckpointError naming
+    it, with what to do (resume_command is how to go on once it is gone).
+
+    A POSIX record lock (lockf): the kernel drops it when its process ends, kill -9 included, and the processes a
+    DataLoader forks do not inherit it, so a run killed in any way can be resumed at once."""
+    if fcntl is None:
+        return None
+    created, parent = [], os.path.abspath(folder)
+    while not os.path.isdir(parent):
+        created.append(parent)
+        parent = os.path.dirname(parent)
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 0, 0, os.SEEK_SET)
+    except OSError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process that has not said who it is yet"
+        os.close(fd)  # this process held no lock on the file, so closing it frees nothing
+        raise CheckpointError(f"{folder} is being trained by another train.py: {holder}. Nothing was written. Wait for it "
+                              f"to finish, or stop it and then go on with\n  {resume_command}") from None
+    command = shlex.join([os.path.basename(sys.executable), *sys.argv])
+    since = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"PID {os.getpid()} on {socket.gethostname()}, since {since} ({command})\n".encode(), 0)
+    return RunLock(folder, fd, created)
+
+
+@dataclass
+class RunLock:
+    """A run folder locked by lock_run_folder: the lock file's descriptor, and the folders made for it."""
+
+    folder: str
+    fd: int
+    created: list[str]
+
+
+def unlock_run_folder(lock: RunLock | None) -> None:
+    """Let go of lock_run_folder's lock. A run stopped before it wrote anything (bad data, say) leaves no trace: the
+    lock file goes, and the folders made for it too."""
+    if lock is None:
+        return
+    if os.listdir(lock.folder) == [LOCK_FILE]:
+        os.remove(os.path.join(lock.folder, LOCK_FILE))
+        for folder in lock.created:  # the run folder first, then the parents made for it
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
+    os.close(lock.fd)

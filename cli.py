@@ -6,6 +6,8 @@ import importlib.util
 import sys
 from typing import Callable
 
+import torch
+
 from checkpoints import CheckpointError
 from devices import DEVICES, WORKERS
 from files import DataError
@@ -14,12 +16,27 @@ from files import DataError
 def run_main(main: Callable[[argparse.Namespace], int], parse_args: Callable[[], argparse.Namespace]) -> None:
     """sys.exit(main(parse_args())); a problem with the data, a checkpoint or a file, met while running or while
     reading the flags (train.py's --resume reads the checkpoint), ends the script with its message, no traceback."""
+    args = None
     try:
-        code = main(parse_args())
+        args = parse_args()
+        code = main(args)
     except (DataError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         code = 1
+    except torch.OutOfMemoryError:
+        print(f"error: {out_of_memory_advice(args)}", file=sys.stderr)
+        code = 1
     sys.exit(code)
+
+
+def out_of_memory_advice(args: argparse.Namespace | None) -> str:
+    """What to say when the GPU runs out of memory: what was in use, and what to try."""
+    batch, cache = getattr(args, "batch_size", None), getattr(args, "cache", None)
+    in_use = f"with --batch-size {batch}" + (f" and --cache {cache}" if cache else "") if batch else "here"
+    tries = [f"--batch-size {max(1, batch // 2)}"] if batch else []
+    tries += ["--cache ram instead of gpu"] if cache == "gpu" else []
+    return (f"out of GPU memory {in_use}. Try " + (" or ".join(tries) if tries else "a smaller batch")
+            + "; another process on the same GPU (nvidia-smi lists them) takes memory too")
 
 
 def positive_int(text: str) -> int:

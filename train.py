@@ -31,8 +31,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from batching import BalancedBatchSampler, CachedBatches, EpochBatchSampler, EpochStream, RunBatchSampler, make_loader
-from checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from cli import non_negative_float, non_negative_int, positive_int, require, run_main
+from checkpoints import CheckpointError, RunLock, load_checkpoint, lock_run_folder, save_checkpoint, unlock_run_folder
+from cli import non_negative_float, non_negative_int, out_of_memory_advice, positive_int, require, run_main
 from dataloader import COLOR_NORMS, Augment, BatchTransform, Preprocess, RetinopathyLoader
 from datatools import parse_cnmc_name
 from devices import DEVICES, WORKERS, amp_dtype, autocast, device_name, keep_freed_memory, resolve_device
@@ -584,6 +584,46 @@ def check_run_dir_is_free(args: argparse.Namespace) -> None:
             "or start a new one with another --run-name (or delete that folder to start it over)")
 
 
+def hold_run_folder(args: argparse.Namespace) -> RunLock | None:
+    """One writer per run: rank 0 locks the run folder (checkpoints.lock_run_folder) and returns the lock; every
+    process stops with the same message when another train.py holds it."""
+    lock, refusal = None, None
+    if args.rank == 0:
+        try:
+            lock = lock_run_folder(run_dir(args), resume_command(args))
+        except CheckpointError as e:
+            refusal = str(e)
+    if args.world_size > 1:
+        shared = [refusal]
+        dist.broadcast_object_list(shared, src=0)
+        refusal = shared[0]
+    if refusal is not None:
+        raise CheckpointError(refusal)
+    return lock
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    return f"python train.py --run-name {args.run_name} --output-dir {args.output_dir} --resume"
+
+
+def saved_epoch(args: argparse.Namespace) -> int | None:
+    """The epoch the run folder's last.pt holds (read through mmap: its tensors stay on disk), None if it has none."""
+    try:
+        return int(torch.load(os.path.join(run_dir(args), "last.pt"), map_location="cpu", weights_only=True, mmap=True)["epoch"])
+    except Exception:
+        return None
+
+
+def how_to_go_on(args: argparse.Namespace) -> str:
+    """What a run stopped by an error kept, and the command that goes on from it."""
+    epoch = saved_epoch(args)
+    if epoch:
+        return f"{os.path.join(run_dir(args), 'last.pt')} holds epoch {epoch}, the last one saved. Go on with\n  {resume_command(args)}"
+    if args.resume:
+        return f"{args.resume} is as it was. Go on with the same command"
+    return "no epoch was saved. Once that is seen to, start the run again with the same command"
+
+
 def should_compile(args: argparse.Namespace, device: torch.device) -> bool:
     """--compile or --no-compile as given; unset, on where it pays off: a CUDA GPU that Triton can write kernels for
     (Triton installed, which it is not on Windows; compute capability 7.0, Volta, or newer), where it fuses the
@@ -648,7 +688,29 @@ def main(args: argparse.Namespace) -> int:
     rank, world_size, device = setup_distributed(args)
     keep_freed_memory(device)
     args.rank, args.world_size = rank, world_size
-    check_run_dir_is_free(args)
+    lock = hold_run_folder(args)
+    try:
+        check_run_dir_is_free(args)
+        return train(args, device)
+    except torch.cuda.OutOfMemoryError:
+        problem = out_of_memory_advice(args)
+        elsewhere = "\n(a resumed run keeps its --batch-size: a smaller one is a new run, with its own --run-name)" if saved_epoch(args) else ""
+    except (DataError, OSError) as e:  # an image that became unreadable, a full disk: the message names the file
+        problem = str(e).rstrip(".")
+        last = os.path.join(run_dir(args), "last.pt")
+        elsewhere = (f"\nonce there is room, or on another disk with\n  python train.py --resume {last} --output-dir OTHER_DISK/checkpoints"
+                     if isinstance(e, DiskFullError) and saved_epoch(args) else "")
+    finally:
+        unlock_run_folder(lock)
+    if rank == 0:
+        print(f"error: {problem}.\nStopped: {how_to_go_on(args)}{elsewhere}", file=sys.stderr)
+    return 1
+
+
+def train(args: argparse.Namespace, device: torch.device) -> int:
+    """Train the run in its locked folder, epoch after epoch, writing its checkpoints and history; 0 when done, 130 or
+    143 when stopped by a signal (after saving the last finished epoch)."""
+    rank, world_size = args.rank, args.world_size
     compile_model = should_compile(args, device)
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
@@ -713,7 +775,6 @@ def main(args: argparse.Namespace) -> int:
     if is_main:
         check_free_space(out, checkpoint_sizes(raw_model, ema, args), log)
     writer = open_tensorboard(out, start_epoch) if args.tensorboard and is_main else None
-    saved_epoch = start_epoch
     train_sampler.set_epoch(start_epoch)  # the train batches go on from there, epoch after epoch
     for epoch in range(start_epoch, args.epochs):
         lr = optimizer.param_groups[0]["lr"]
@@ -746,17 +807,7 @@ def main(args: argparse.Namespace) -> int:
             log_to_tensorboard(writer, history[-1], confusion if improved else None, args.run_name)
         if is_main:
             checkpoint = make_checkpoint(raw_model, ema, optimizer, scheduler, scaler, epoch + 1, best, history, args, preprocess, augment)
-            try:
-                save_epoch(checkpoint, improved, history, out)
-            except DiskFullError as e:
-                kept = (f"{os.path.join(out, 'last.pt')} holds epoch {saved_epoch}, the last one saved" if saved_epoch else
-                        "no epoch was saved")
-                log(f"error: {e}.\nStopped: {kept}. Free some space, then continue with\n"
-                    f"  python train.py --run-name {args.run_name} --output-dir {args.output_dir} --resume\n"
-                    f"or on another disk with\n  python train.py --resume {os.path.join(out, 'last.pt')} --output-dir OTHER_DISK/checkpoints",
-                    file=sys.stderr)
-                return 1
-            saved_epoch = epoch + 1
+            save_epoch(checkpoint, improved, history, out)  # a full disk stops the run in main(), with what was kept
         log(f"epoch {epoch + 1}/{args.epochs}  lr {lr:.2e}  train loss {stats['train_loss']:.4f} acc {stats['train_acc']:.4f}  "
             f"valid loss {stats['valid_loss']:.4f} acc {stats['valid_acc']:.4f} f1 {stats['valid_f1']:.4f}  "
             f"{stats['seconds']:.0f}s {stats['images_per_s']:.0f} img/s" + ("  *best" if improved else ""), flush=True)
@@ -771,7 +822,7 @@ def main(args: argparse.Namespace) -> int:
             log(f"\nstopped by {stop.signal} during the first epoch, before any checkpoint: start the run again with the same command")
         else:
             log(f"\nstopped by {stop.signal} after epoch {done}: {os.path.join(out, 'last.pt')} holds it. Continue with:\n"
-                f"  python train.py --run-name {args.run_name} --output-dir {args.output_dir} --resume")
+                f"  {resume_command(args)}")
         return 130 if stop.signal == "SIGINT" else 143
     log(f"done: best valid {args.best_metric} {best['value']:.4f} at epoch {best['epoch']}; run folder {out}")
     best_pt = os.path.join(out, "best.pt")

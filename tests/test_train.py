@@ -64,7 +64,7 @@ def test_end_to_end_run_writes_every_run_file(trained_runs):
     run = trained_runs[0]  # 2 epochs
     with open(run + ".stdout") as f:
         stdout = f.read()
-    assert sorted(os.listdir(run)) == ["args.json", "best.pt", "history.csv", "last.pt"]
+    assert sorted(os.listdir(run)) == ["args.json", "best.pt", "history.csv", "last.pt", "train.lock"]
     assert "device cpu" in stdout and "48 train (33 ALL, 15 hem), 16 valid" in stdout
     assert "python evaluate.py --checkpoint" in stdout
     history = read_history(os.path.join(run, "history.csv"))
@@ -373,7 +373,7 @@ def test_training_into_a_disk_that_fills_up_stops_with_a_message(demo_root, tmp_
         assert "holds epoch 1, the last one saved" in result.stderr and "--resume" in result.stderr
         assert "the run will stop there" in result.stdout  # said before the first epoch
         run = disk / "demo"
-        assert sorted(os.listdir(run)) == ["args.json", "best.pt", "history.csv", "last.pt"]
+        assert sorted(os.listdir(run)) == ["args.json", "best.pt", "history.csv", "last.pt", "train.lock"]
         assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
     finally:
         subprocess.run(["umount", str(disk)])
@@ -515,9 +515,9 @@ def test_make_loader_pins_batches_for_a_gpu_only(demo_root):
 
     cells = RetinopathyLoader(demo_root, "valid", preprocess=Preprocess(crop=48), output="uint8")
     sampler = batching.EpochBatchSampler(len(cells), 4, shuffle=False)
-    assert batching.make_loader(cells, sampler, 2, torch.device("cuda")).pin_memory  # built, not iterated: no GPU needed
+    assert batching.make_loader(cells, sampler, 2, torch.device("cuda")).loader.pin_memory  # built, not iterated: no GPU needed
     loader = batching.make_loader(cells, sampler, 2, torch.device("cpu"))
-    assert not loader.pin_memory and loader.persistent_workers
+    assert not loader.loader.pin_memory and loader.loader.persistent_workers
     batches = list(loader)
     assert torch.equal(torch.cat([b[0] for b in batches]), torch.arange(len(cells)))
     torch.testing.assert_close(batches[0][1], torch.stack([cells[i][0] for i in range(4)]), rtol=0, atol=0)
