@@ -15,7 +15,8 @@ from files import DataError
 
 def run_main(main: Callable[[argparse.Namespace], int], parse_args: Callable[[], argparse.Namespace]) -> None:
     """sys.exit(main(parse_args())); a problem with the data, a checkpoint or a file, met while running or while
-    reading the flags (train.py's --resume reads the checkpoint), ends the script with its message, no traceback."""
+    reading the flags (train.py's --resume reads the checkpoint), ends the script with its message, no traceback; so
+    does running out of GPU memory, with what to try."""
     args = None
     try:
         args = parse_args()
@@ -23,7 +24,7 @@ def run_main(main: Callable[[argparse.Namespace], int], parse_args: Callable[[],
     except (DataError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         code = 1
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:
         print(f"error: {out_of_memory_advice(args)}", file=sys.stderr)
         code = 1
     sys.exit(code)
