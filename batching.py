@@ -159,7 +159,11 @@ class Batches:
         return len(self.loader)
 
     def __iter__(self) -> Iterator:
-        for batch in self.loader:
+        return self.raising(iter(self.loader))  # the loader's iterator made now: its workers start decoding at once
+
+    @staticmethod
+    def raising(batches: Iterator) -> Iterator:
+        for batch in batches:
             if isinstance(batch, LoadError):
                 raise batch.error
             yield batch
