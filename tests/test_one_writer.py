@@ -51,31 +51,39 @@ def test_a_run_still_training_refuses_a_new_run_and_a_resume_of_it(demo_root, tm
     assert [int(r["epoch"]) for r in read_history(tmp_path / "busy" / "history.csv")] == [1, 2, 3, 4]
 
 
-def test_the_lock_dies_with_its_holder(demo_root, tmp_path):
-    killed = start_train(demo_root, tmp_path, "--run-name", "killed", "--epochs", "50", "--workers", "2")
-    assert wait_for((tmp_path / "killed" / "last.pt").exists, seconds=240)
-    killed.kill()  # SIGKILL: no handler runs, the loader workers may outlive it for a moment
-    killed.communicate(timeout=60)
-    saved = checkpoints.load_checkpoint(str(tmp_path / "killed" / "last.pt"))["epoch"]
-    result = run_train(demo_root, tmp_path, "--run-name", "killed", "--resume", "--epochs", str(saved))  # at once, nothing deleted
-    assert f"resumed {tmp_path / 'killed' / 'last.pt'} after epoch {saved}" in result.stdout and "done:" in result.stdout
+HOLDER = ("import os, sys, time, checkpoints\n"
+          "checkpoints.lock_run_folder(sys.argv[1], 'x')\n"
+          "child = os.fork()  # as a DataLoader forks its workers: the child must not keep the lock\n"
+          "if child:\n"
+          "    print('held', child, flush=True)\n"
+          "time.sleep(120)\n")
 
 
-def test_lock_run_folder_names_its_holder(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, checkpoints; checkpoints.lock_run_folder(sys.argv[1], 'x'); "
-                               "print('held', flush=True); time.sleep(60)", str(tmp_path / "run")],
-                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+def test_the_lock_names_its_holder_and_dies_with_it_even_under_kill_9(trained_runs, demo_root, tmp_path):
+    shutil.copytree(trained_runs[0], tmp_path / "a")  # a finished run of 2 epochs
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "a")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    child = None
     try:
-        assert holder.stdout.readline().strip() == "held"
+        word, child = holder.stdout.readline().split()
+        assert word == "held"
         with pytest.raises(checkpoints.CheckpointError, match=f"PID {holder.pid} on .*go on with\n  python train.py --resume"):
-            checkpoints.lock_run_folder(str(tmp_path / "run"), "python train.py --resume")
+            checkpoints.lock_run_folder(str(tmp_path / "a"), "python train.py --resume")
+        holder.kill()  # SIGKILL: no handler runs; its forked child lives on
+        holder.wait()
+        result = run_train(demo_root, tmp_path, "--run-name", "a", "--resume", "--epochs", "2")  # at once, nothing deleted
+        assert f"resumed {tmp_path / 'a' / 'last.pt'} after epoch 2" in result.stdout and "done:" in result.stdout
     finally:
         holder.kill()
-        holder.wait()
-    lock = checkpoints.lock_run_folder(str(tmp_path / "run"), "x")  # free once its holder is gone
+        if child is not None and int(child) > 0:
+            os.kill(int(child), signal.SIGKILL)
+
+
+def test_unlock_takes_away_what_a_run_that_wrote_nothing_left(tmp_path):
+    (tmp_path / "run").mkdir()
+    lock = checkpoints.lock_run_folder(str(tmp_path / "run"), "x")
     assert f"PID {os.getpid()} " in lock_text(tmp_path, "run")
     checkpoints.unlock_run_folder(lock)
-    assert os.listdir(tmp_path / "run") == []  # the lock file of a run that wrote nothing goes, the folder it found stays
+    assert os.listdir(tmp_path / "run") == []  # the lock file goes, the folder it found stays
     lock = checkpoints.lock_run_folder(str(tmp_path / "new" / "run"), "x")
     checkpoints.unlock_run_folder(lock)
     assert not (tmp_path / "new").exists()  # and the folders made for it go too
