@@ -116,7 +116,7 @@ def plot_subjects(table: pd.DataFrame, title: str, path: str) -> None:
     """One bar per patient (patients.subject_table's rows, in its order): the share of its cells called ALL, coloured
     by its true class, with the 0.5 line that its verdict turns on; the patients called wrong have their names in red.
     The figure grows with the patients, so that 2 or 40 read alike."""
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.28 * len(table)))
+    fig, ax = plt.subplots(figsize=(8, 1.3 + 0.28 * len(table)))
     y = np.arange(len(table))[::-1]
     ax.barh(y, table["share_called_ALL"], color=[CLASS_COLORS[label] for label in table["label"]], height=0.7)
     ax.axvline(0.5, color="black", lw=1, ls="--")
@@ -126,7 +126,7 @@ def plot_subjects(table: pd.DataFrame, title: str, path: str) -> None:
     ax.set(xlim=(0, 1), ylim=(-0.6, len(table) - 0.4), xlabel="share of the patient's cells called ALL",
            ylabel="patient (cells)", title=title)
     ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in CLASS_COLORS], labels=[f"true {c}" for c in CLASSES],
-              loc="lower right", fontsize=8)
+              loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, fontsize=8)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
     plt.close(fig)

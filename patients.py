@@ -74,6 +74,6 @@ def describe(table: pd.DataFrame) -> str:
     wrong = table[table["right"] == 0]
     line = f"patients: {len(table) - len(wrong)} of {len(table)} called right by the majority of their cells"
     if len(wrong):
-        line += "; wrong: " + ", ".join(f"{r.subject} ({CLASSES[r.label]}, {r.share_called_ALL:.0%} of {r.cells} cells called ALL)"
-                                        for r in wrong.itertuples())
+        line += "; wrong: " + ", ".join(f"{r.subject} ({CLASSES[r.label]}, {r.share_called_ALL:.0%} of {r.cells} "
+                                        f"cell{'s' if r.cells > 1 else ''} called ALL)" for r in wrong.itertuples())
     return line
