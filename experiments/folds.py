@@ -150,9 +150,9 @@ def patients_right(scores_of_folds: dict, folds: list[str], seed: int) -> int:
 
 
 def count_range(counts: list[int], total: int) -> str:
-    """'34 of 35', or '33-34 of 35' over seeds that differ."""
+    """'34 of 35', or '33–34 of 35' over seeds that differ."""
     low, high = min(counts), max(counts)
-    return f"{low} of {total}" if low == high else f"{low}-{high} of {total}"
+    return f"{low} of {total}" if low == high else f"{low}–{high} of {total}"
 
 
 def summarise(scores_of_folds: dict, folds: list[str] | None = None) -> dict | None:
