@@ -280,10 +280,14 @@ def import_cnmc(src: str, out: str, split: str = "subject", valid_frac: float = 
             rng.shuffle(paths)
             n_valid, n_test = round(valid_frac * len(paths)), round(test_frac * len(paths))
             split_of.update({p: "valid" if i < n_valid else "test" if i < n_valid + n_test else "train" for i, p in enumerate(paths)})
+    prelim = read_prelim_test(src, {subject for _, subject, _ in cells})  # before anything is written: it may be refused
     print(f"imported {len(cells)} cells of {len({s for _, s, _ in cells})} subjects from {src} to {out} ({split} split)")
     write_layout(out, cells, split_of, seed)
     print(f"  subjects per split: {os.path.join(out, 'subjects.csv')}; test labels: {os.path.join(out, 'test_labels.csv')}")
-    import_prelim_test(src, out, {subject for _, subject, _ in cells})
+    if prelim is None:
+        print(f"  no preliminary test phase beside {src} ({PRELIM_LABELS} and its images): prelim_test.csv not written")
+    else:
+        write_prelim_test(out, prelim)
     return split_of
 
 
@@ -291,15 +295,14 @@ PRELIM_IMAGES = os.path.join("validation_data", "C-NMC_test_prelim_phase_data")
 PRELIM_LABELS = os.path.join("validation_data", "C-NMC_test_prelim_phase_data_labels.csv")
 
 
-def import_prelim_test(src: str, out: str, training_subjects: set[str]) -> None:
-    """The release's preliminary test phase (validation_data/: 1,867 cells of 28 subjects that training_data does not
-    hold, named <n>.bmp, labelled in C-NMC_test_prelim_phase_data_labels.csv by their original names) as
-    out/prelim_test.csv, Path,label,subject: the challenge's own unseen patients. src is the release's top folder or
-    its training_data; a copy without that folder gets one line saying so."""
+def read_prelim_test(src: str, training_subjects: set[str]) -> list[tuple[str, str, int]] | None:
+    """(image, subject, label) of the release's preliminary test phase (validation_data/: 1,867 cells of 28 subjects
+    that training_data does not hold, named <n>.bmp, labelled in C-NMC_test_prelim_phase_data_labels.csv by their
+    original names): the challenge's own unseen patients. src is the release's top folder or its training_data; None
+    where the copy lacks that folder."""
     top = next((d for d in (src, os.path.dirname(os.path.abspath(src))) if os.path.isfile(os.path.join(d, PRELIM_LABELS))), None)
     if top is None:
-        print(f"  no preliminary test phase beside {src} ({PRELIM_LABELS} and its images): prelim_test.csv not written")
-        return
+        return None
     labels_csv = os.path.join(top, PRELIM_LABELS)
     with open(labels_csv, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
@@ -320,6 +323,12 @@ def import_prelim_test(src: str, out: str, training_subjects: set[str]) -> None:
     if shared:
         raise DataError(f"{labels_csv}: subjects {', '.join(shared)} are also in {src}'s training cells; the preliminary test "
                         "phase holds other patients, so this is not the release's own copy")
+    return rows
+
+
+def write_prelim_test(out: str, rows: list[tuple[str, str, int]]) -> None:
+    """The preliminary test phase linked under out/new_dataset/prelim_test/ and listed in out/prelim_test.csv
+    (Path,label,subject), its patients printed."""
     table = []
     for image, subject, label in rows:
         name = f"./new_dataset/prelim_test/{os.path.basename(image)}"

@@ -243,3 +243,11 @@ def test_import_refuses_a_preliminary_test_phase_that_shares_a_training_patient(
     top = release_with_prelim(tmp_path, {"11": 2})
     with pytest.raises(files.DataError, match="subjects 11 are also in"):
         datatools.import_cnmc(str(top), str(tmp_path / "out"))
+
+
+def test_import_refuses_a_broken_preliminary_phase_before_writing_anything(tmp_path):
+    top = release_with_prelim(tmp_path, {"57": 2})
+    (top / "validation_data" / "C-NMC_test_prelim_phase_data" / "2.bmp").unlink()
+    with pytest.raises(files.DataError, match="line 3: its image .*2.bmp is missing"):
+        datatools.import_cnmc(str(top), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
