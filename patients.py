@@ -52,9 +52,13 @@ def subject_table(subjects: list[str], prob_all: np.ndarray, labels: list[int] |
     if labels is None:
         return table.sort_values(["share_called_ALL", "subject"]).reset_index(drop=True)
     table["right"] = (table["call"] == table["label"]).astype(int)
-    called_right = np.where(table["label"] == 1, table["share_called_ALL"], 1 - table["share_called_ALL"])
-    return table.assign(called_right=called_right).sort_values(["label", "called_right", "subject"]) \
+    return table.assign(called_right=share_called_right(table)).sort_values(["label", "called_right", "subject"]) \
         .drop(columns="called_right").reset_index(drop=True)[SUBJECT_COLUMNS]
+
+
+def share_called_right(table: pd.DataFrame) -> pd.Series:
+    """Each patient's share of cells called right, from a labelled subject_table."""
+    return table["share_called_ALL"].where(table["label"] == 1, 1 - table["share_called_ALL"])
 
 
 def refuse_mixed_labels(cells: pd.DataFrame, paths: list[str] | None) -> None:

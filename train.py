@@ -614,9 +614,8 @@ def saved_epoch(args: argparse.Namespace) -> int | None:
         return None
 
 
-def how_to_go_on(args: argparse.Namespace) -> str:
-    """What a run stopped by an error kept, and the command that goes on from it."""
-    epoch = saved_epoch(args)
+def how_to_go_on(args: argparse.Namespace, epoch: int | None) -> str:
+    """What a run stopped by an error kept (epoch: the one its last.pt holds), and the command that goes on from it."""
     if epoch:
         return f"{os.path.join(run_dir(args), 'last.pt')} holds epoch {epoch}, the last one saved. Go on with\n  {resume_command(args)}"
     if args.resume:
@@ -693,17 +692,19 @@ def main(args: argparse.Namespace) -> int:
         check_run_dir_is_free(args)
         return train(args, device)
     except torch.cuda.OutOfMemoryError:
+        epoch = saved_epoch(args)
         problem = out_of_memory_advice(args)
-        elsewhere = "\n(a resumed run keeps its --batch-size: a smaller one is a new run, with its own --run-name)" if saved_epoch(args) else ""
+        elsewhere = "\n(a resumed run keeps its --batch-size: a smaller one is a new run, with its own --run-name)" if epoch else ""
     except (DataError, OSError) as e:  # an image that became unreadable, a full disk: the message names the file
+        epoch = saved_epoch(args)
         problem = str(e).rstrip(".")
         last = os.path.join(run_dir(args), "last.pt")
         elsewhere = (f"\nonce there is room, or on another disk with\n  python train.py --resume {last} --output-dir OTHER_DISK/checkpoints"
-                     if isinstance(e, DiskFullError) and saved_epoch(args) else "")
+                     if isinstance(e, DiskFullError) and epoch else "")
     finally:
         unlock_run_folder(lock)
     if rank == 0:
-        print(f"error: {problem}.\nStopped: {how_to_go_on(args)}{elsewhere}", file=sys.stderr)
+        print(f"error: {problem}.\nStopped: {how_to_go_on(args, epoch)}{elsewhere}", file=sys.stderr)
     return 1
 
 

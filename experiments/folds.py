@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from files import read_csv, write_csv_atomic  # noqa: E402
-from patients import cell_subjects, subject_table  # noqa: E402
+from patients import cell_subjects, share_called_right, subject_table  # noqa: E402
 
 # evaluate.py's flags per scoring; the train-mix scorings score train_mix_csv's cells instead of the whole valid set
 SCORINGS = {"plain": [], "tta": ["--tta"], "adapt-bn": ["--adapt-bn"], "adapt-bn+tta": ["--adapt-bn", "--tta"],
@@ -140,8 +140,7 @@ def read_predictions(path: str) -> tuple[list[str], list[int], list[int], list[f
 
 def share_right(patients) -> dict[str, float]:
     """{subject: the share of its cells called right} from a subject_table."""
-    right = patients["share_called_ALL"].where(patients["label"] == 1, 1 - patients["share_called_ALL"])
-    return dict(zip(patients["subject"], right))
+    return dict(zip(patients["subject"], share_called_right(patients)))
 
 
 def patients_right(scores_of_folds: dict, folds: list[str], seed: int) -> int:
